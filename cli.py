@@ -1,0 +1,4 @@
+"""`python cli.py ...` is `compress ...`."""
+from compressor.cli import app
+
+app()

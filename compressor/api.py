@@ -1,0 +1,194 @@
+"""The public API: compress(), load(), evaluate(). The CLI is a thin layer over these."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import __version__
+from .artifact import (ArtifactWriter, FORMAT_VERSION, TOKENIZER_FILES, check_output, ct_layer_schemes,
+                       ct_quantization_config, file_hashes)
+from .data import load_windows
+from .errors import BadInput
+from .models import (Checkpoint, ModelSource, checkpoint_key, find_blocks, load_dense, materialize, resolve_model,
+                     skeleton)
+from .modules import QuantLinear
+from .recipe import load_recipe
+from .runner import BlockResult, Context, block_tensors, checkpoint_key_prefix, run_blocks
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise BadInput(f"--device {device!r}: expected auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInput(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def compress(
+    model: str = "demo",
+    recipe: str | Path = "w4-gptq",
+    out: str | Path = "out/demo",
+    calib: list[str | Path] | None = None,
+    samples: int | None = None,
+    seq_len: int | None = None,
+    seed: int | None = None,
+    device: str = "auto",
+    force: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    log: Callable[[str], None] = lambda msg: None,
+    on_block: Callable[[int, int, str, BlockResult], None] | None = None,
+) -> dict[str, Any]:
+    """Compress `model` with `recipe` into the artifact directory `out`; returns the run's summary."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    check_output(out, force)
+    rec = load_recipe(recipe).with_calibration(samples=samples, seq_len=seq_len, seed=seed)
+    dev = pick_device(device)
+    src = resolve_model(model, allow_pickle, trust_remote_code)
+    if src.is_compressed:
+        raise BadInput(f"model {model} is already compressed (compressed-tensors); give the uncompressed checkpoint")
+    cal = rec.calibration
+    windows, cal_info = load_windows(load_tokenizer(src.path), calib, cal.samples, cal.seq_len, cal.seed)
+    log(f"calibration: {cal_info['source']}: {cal.samples} windows of {cal.seq_len} tokens, seed {cal.seed}")
+    torch.manual_seed(cal.seed)
+    skel = skeleton(src.path, trust_remote_code)
+    ckpt = Checkpoint(src.path)
+    blocks_prefix, blocks = find_blocks(skel)
+    ctx = Context(device=dev, seed=cal.seed, log=log)
+    layers: dict[str, dict] = {}
+    block_errs: dict[str, float] = {}
+    with ArtifactWriter(out, force) as writer:
+        def done(i: int, prefix: str, res: BlockResult) -> None:
+            writer.add_part(block_tensors(skel, ckpt, prefix, res.qweights))
+            for name, qw in sorted(res.qweights.items()):
+                n, k = qw.shape
+                layers[name] = {
+                    "pass": res.layer_pass[name], "bits": qw.bits, "group_size": qw.group_size,
+                    "requested_group_size": qw.requested_group_size, "symmetric": qw.symmetric, "shape": [n, k],
+                    "bits_per_weight": round(qw.storage_bits() / (n * k), 4),
+                    "weight_rel_err": round(res.layer_err[name], 6),
+                }
+            block_errs[prefix] = res.out_rel_err
+            if on_block:
+                on_block(i, len(blocks), prefix, res)
+
+        run_blocks(skel, ckpt, rec, windows, ctx, done)
+        blocks_key_prefix = checkpoint_key_prefix(skel, ckpt, blocks_prefix)
+        writer.add_part({k: ckpt.get(k) for k in ckpt.keys() if not k.startswith(blocks_key_prefix)})
+        writer.join_parts()
+
+        linears = [n for n, m in skel.named_modules() if isinstance(m, nn.Linear)]
+        config = src.config
+        config["quantization_config"] = ct_quantization_config(layers, [n for n in linears if n not in layers])
+        writer.write_json("config.json", config)
+        for name in TOKENIZER_FILES:
+            if (src.path / name).is_file():
+                writer.copy_in(src.path / name)
+        writer.write_text("recipe.yaml", rec.to_yaml())
+        qparams = sum(v["shape"][0] * v["shape"][1] for v in layers.values())
+        qbits = sum(v["bits_per_weight"] * v["shape"][0] * v["shape"][1] for v in layers.values())
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "tool": "compressor",
+            "tool_version": __version__,
+            "compressed_tensors_version": _ct_version(),
+            "source": {"ref": model, "kind": src.kind},
+            "recipe": {"source": rec.source, "passes": [p.name for p in rec.passes]},
+            "calibration": cal_info,
+            "bits_per_weight": round(qbits / max(qparams, 1), 4),
+            "quantized_params": qparams,
+            "layers": layers,
+            "metrics": {"block_output_rel_mse": {k: round(v, 8) for k, v in block_errs.items()}},
+            "warnings": ctx.warnings,
+        }
+        files = writer.files()
+        manifest["size_bytes"] = sum(f.stat().st_size for f in files)
+        manifest["files"] = file_hashes(files)
+        writer.write_json("compression.json", manifest)
+        writer.commit()
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    return {
+        "artifact": str(out),
+        "bits_per_weight": manifest["bits_per_weight"],
+        "size_bytes": size,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "passes": [{"pass": p.name, "layers": sum(1 for v in layers.values() if v["pass"] == p.name),
+                    "mean_weight_rel_err": _mean([v["weight_rel_err"] for v in layers.values() if v["pass"] == p.name])}
+                   for p in rec.passes],
+        "mean_block_output_rel_mse": _mean(list(block_errs.values())),
+        "calibration": {k: cal_info[k] for k in ("source", "samples", "seq_len", "seed")},
+        "warnings": ctx.warnings,
+    }
+
+
+def _mean(xs: list[float]) -> float | None:
+    return round(sum(xs) / len(xs), 6) if xs else None
+
+
+def _ct_version() -> str | None:
+    try:
+        import compressed_tensors
+
+        return compressed_tensors.__version__
+    except ImportError:
+        return None
+
+
+def load(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+         allow_pickle: bool = False, trust_remote_code: bool = False) -> nn.Module:
+    """A torch model from an artifact (QuantLinear layers, dequantized through ops.py) or from any model
+    reference (floating point)."""
+    src = resolve_model(str(path), allow_pickle, trust_remote_code)
+    dev = pick_device(device)
+    if not src.is_compressed:
+        return load_dense(src, str(dev), dtype)
+    return load_compressed(src, dev, dtype)
+
+
+def load_compressed(src: ModelSource, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    model = skeleton(src.path)
+    ckpt = Checkpoint(src.path)
+    linears = [(n, type(m).__name__) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    schemes = ct_layer_schemes(src.config["quantization_config"], linears)
+    for name, (bits, g, sym) in schemes.items():
+        lin = model.get_submodule(name)
+        key = checkpoint_key(model, ckpt, f"{name}.weight_scale")
+        if key is None:
+            raise BadInput(f"{src.path}: no weight_scale for quantized layer {name}")
+        q = QuantLinear(lin.in_features, lin.out_features, bits, g, sym, lin.bias is not None, ckpt.get(key).dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+    materialize(model, "", ckpt, device, dtype)
+    return model.to(device)
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """`compress inspect`: the manifest of an artifact, its files and their check."""
+    from .artifact import read_manifest, verify_hashes
+
+    path = Path(path)
+    if not path.is_dir():
+        raise BadInput(f"{path} is not a directory")
+    manifest = read_manifest(path)
+    bad = verify_hashes(path, manifest)
+    return {**manifest, "path": str(path), "hashes_ok": not bad, "hash_mismatches": bad}
+
+
+def evaluate(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    from .evaluate import evaluate as _evaluate
+
+    return _evaluate(*args, **kwargs)

@@ -1,0 +1,225 @@
+"""Writing and reading the artifact directory (DESIGN.md §4).
+
+The artifact is written block by block: each finished block goes to a part file in a temporary sibling
+directory as soon as it is done, and `finalize` joins the parts into model.safetensors (shards with an
+index above 5 GB) by copying bytes, one tensor at a time, so no step holds the model in memory. The
+temporary directory is renamed onto the output at the very end; any failure or Ctrl-C removes it and
+leaves an existing output untouched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .data import sha256_file
+from .errors import BadInput, CompressorError
+
+SHARD_BYTES = 5 * 1024**3
+FORMAT_VERSION = 1
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.txt",
+    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
+)
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Refuse an existing output (before any work is done) unless --force."""
+    if out.exists() and not force:
+        raise BadInput(f"output {out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"output {out} exists and is not a directory")
+
+
+class ArtifactWriter:
+    """Context manager: parts go to `.NAME.tmp-PID/` beside the output; `commit` renames it into place."""
+
+    def __init__(self, out: Path, force: bool = False):
+        self.out = Path(out)
+        check_output(self.out, force)
+        self.tmp = self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
+        self.parts: list[Path] = []
+        self.committed = False
+
+    def __enter__(self) -> "ArtifactWriter":
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        (self.tmp / "parts").mkdir(parents=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.committed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def add_part(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Write a finished block's tensors now (they can then be freed)."""
+        if not tensors:
+            return
+        path = self.tmp / "parts" / f"{len(self.parts):05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+        self.parts.append(path)
+
+    def write_text(self, name: str, text: str) -> None:
+        (self.tmp / name).write_text(text)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.write_text(name, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+    def copy_in(self, src: Path) -> None:
+        shutil.copyfile(src, self.tmp / src.name)
+
+    def join_parts(self) -> list[Path]:
+        files = join_safetensors(self.parts, self.tmp)
+        shutil.rmtree(self.tmp / "parts")
+        return files
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.tmp.iterdir() if p.is_file())
+
+    def commit(self) -> None:
+        """Rename the finished directory onto the output (an existing one is moved aside, then deleted)."""
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            self.out.rename(old)
+        self.tmp.rename(self.out)
+        self.committed = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_header(path: Path) -> tuple[int, dict]:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return 8 + n, json.loads(f.read(n))
+
+
+def join_safetensors(parts: list[Path], out_dir: Path, shard_bytes: int = SHARD_BYTES) -> list[Path]:
+    """Join part files into model.safetensors (or model-0000i-of-0000n.safetensors + index), keys sorted,
+    copying each tensor's bytes straight from its part: memory stays at one tensor."""
+    entries = []  # (key, part, data_start, info)
+    for p in parts:
+        base, header = _read_header(p)
+        for k, v in header.items():
+            if k != "__metadata__":
+                entries.append((k, p, base, v))
+    entries.sort(key=lambda e: e[0])
+    if len({e[0] for e in entries}) != len(entries):
+        raise CompressorError("two parts of the artifact hold the same tensor name")
+    shards: list[list] = [[]]
+    size = 0
+    for e in entries:
+        nbytes = e[3]["data_offsets"][1] - e[3]["data_offsets"][0]
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1
+             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        off = 0
+        for k, _, _, v in shard:
+            n = v["data_offsets"][1] - v["data_offsets"][0]
+            header[k] = {"dtype": v["dtype"], "shape": v["shape"], "data_offsets": [off, off + n]}
+            off += n
+            weight_map[k] = name
+        hb = json.dumps(header, separators=(",", ":")).encode()
+        hb += b" " * (-len(hb) % 8)
+        handles: dict[Path, Any] = {}
+        try:
+            with open(out_dir / name, "wb") as f:
+                f.write(len(hb).to_bytes(8, "little"))
+                f.write(hb)
+                for _, part, base, v in shard:
+                    src = handles.setdefault(part, open(part, "rb"))
+                    src.seek(base + v["data_offsets"][0])
+                    remaining = v["data_offsets"][1] - v["data_offsets"][0]
+                    while remaining:
+                        chunk = src.read(min(remaining, 64 << 20))
+                        f.write(chunk)
+                        remaining -= len(chunk)
+        finally:
+            for h in handles.values():
+                h.close()
+    files = [out_dir / n for n in names]
+    if len(names) > 1:
+        total = sum(e[3]["data_offsets"][1] - e[3]["data_offsets"][0] for e in entries)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        files.append(out_dir / "model.safetensors.index.json")
+    return files
+
+
+def file_hashes(files: list[Path]) -> dict[str, str]:
+    return {f.name: sha256_file(f) for f in sorted(files)}
+
+
+def read_manifest(path: Path) -> dict:
+    """compression.json of an artifact (BadInput if it is missing or unreadable)."""
+    f = Path(path) / "compression.json"
+    if not f.is_file():
+        raise BadInput(f"{path} is not a compressor artifact (no compression.json)")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{f} is not valid JSON: {e}") from None
+
+
+def verify_hashes(path: Path, manifest: dict) -> list[str]:
+    """Names of files whose sha256 differs from the manifest's (missing files count as differing)."""
+    bad = []
+    for name, digest in manifest.get("files", {}).items():
+        f = Path(path) / name
+        if not f.is_file() or sha256_file(f) != digest:
+            bad.append(name)
+    return bad
+
+
+def ct_quantization_config(layers: dict[str, dict], unquantized_linears: list[str]) -> dict:
+    """compressed-tensors `quantization_config`: one config group per (bits, group size, symmetry), each
+    with explicit module-name targets, so mixed settings per layer load in transformers and vLLM."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    groups: dict[tuple, list[str]] = {}
+    for name, info in sorted(layers.items()):
+        groups.setdefault((info["bits"], info["group_size"], info["symmetric"]), []).append(name)
+    config_groups = {}
+    for i, ((bits, g, sym), names) in enumerate(sorted(groups.items())):
+        strategy = dict(strategy="channel") if g == -1 else dict(strategy="group", group_size=g)
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, **strategy)
+        config_groups[f"group_{i}"] = QuantizationScheme(targets=names, weights=args, format="pack-quantized")
+    qc = QuantizationConfig(config_groups=config_groups, format="pack-quantized", quantization_status="compressed",
+                            ignore=sorted(unquantized_linears))
+    return qc.model_dump(mode="json")
+
+
+def ct_layer_schemes(qc: dict, linears: list[tuple[str, str]]) -> dict[str, tuple[int, int, bool]]:
+    """Which Linear (name, class name) gets which (bits, group_size, symmetric) under a compressed-tensors
+    quantization_config. Only integer weight-only pack-quantized groups are understood."""
+    from .recipe import matches
+
+    def hit(target: str, name: str, cls: str) -> bool:
+        return target == cls or (target.startswith("re:") and matches(target, name)) or target == name
+
+    out = {}
+    fmt = qc.get("format")
+    for name, cls in linears:
+        if any(hit(t, name, cls) or matches(t, name) for t in qc.get("ignore") or []):
+            continue
+        for gname, group in (qc.get("config_groups") or {}).items():
+            if not any(hit(t, name, cls) for t in group.get("targets", [])):
+                continue
+            w = group.get("weights") or {}
+            if (group.get("format") or fmt) != "pack-quantized" or w.get("type") != "int" or group.get("input_activations"):
+                raise BadInput(f"config group {gname}: only int weight-only pack-quantized layers are supported")
+            g = -1 if w.get("strategy") == "channel" else int(w["group_size"])
+            out[name] = (int(w["num_bits"]), g, bool(w.get("symmetric", True)))
+            break
+    return out

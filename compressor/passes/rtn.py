@@ -1,0 +1,29 @@
+"""Round-to-nearest: every weight to the nearest point of its group's min/max (or MSE-clipped) grid."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from ..quant import QWeight, quantize_rtn
+from . import QuantConfig, layer_group_size, register_pass
+
+if TYPE_CHECKING:
+    from ..runner import BlockIO, Context
+
+
+class RTNConfig(QuantConfig):
+    pass
+
+
+@register_pass("rtn", RTNConfig)
+def rtn(block: nn.Module, io: "BlockIO", cfg: RTNConfig, ctx: "Context") -> dict[str, QWeight]:
+    """Round-to-nearest, no calibration data needed (the baseline)."""
+    out = {}
+    for name, lin in io.layers.items():
+        g = layer_group_size(name, lin.in_features, cfg, ctx)
+        out[name] = quantize_rtn(
+            lin.weight.data, cfg.bits, g, cfg.symmetric, cfg.torch_scale_dtype, mse=cfg.mse,
+            requested_group_size=cfg.group_size,
+        )
+    return out

@@ -1,0 +1,236 @@
+"""Affine integer quantization primitives and the reference pack/unpack (pure torch).
+
+Conventions (the compressed-tensors ones, so that what we write is what its decompressor reads):
+- integers are signed: q in [-2^(b-1), 2^(b-1) - 1]; dequant is (q - zero) * scale;
+- symmetric: zero = 0, scale = absmax / ((2^b - 1) / 2);
+- asymmetric: the range [min(w, 0), max(w, 0)] maps onto the integer range, zero = round(qmin - min / scale);
+- scales have shape [N, K / g] (per-channel: [N, 1]); zero points the same, int8;
+- packing is dense: element j of a row starts at bit j * b of the row's int32 words (little end first),
+  values stored unsigned (q + 2^(b-1)); zero points are packed along dim 0 (down the columns).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import BadInput
+
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """Signed integer range of a b-bit code."""
+    if not 2 <= bits <= 8:
+        raise BadInput(f"bits must be between 2 and 8, got {bits}")
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def resolve_group_size(in_features: int, group_size: int, layer: str = "") -> int:
+    """The group size a layer really gets: the requested one when it divides in_features, otherwise the
+    largest power of two >= 16 that does (the caller warns); -1 (per channel) passes through."""
+    if group_size == -1:
+        return -1
+    if group_size <= 0:
+        raise BadInput(f"group_size must be -1 (per channel) or positive, got {group_size}")
+    if in_features % group_size == 0:
+        return group_size
+    g = 1 << (min(group_size, in_features).bit_length() - 1)
+    while g >= 16 and in_features % g:
+        g //= 2
+    if g < 16:
+        raise BadInput(
+            f"group_size {group_size} does not divide in_features {in_features} of layer {layer or '?'}, "
+            f"and no power-of-two group size >= 16 does either"
+        )
+    return g
+
+
+def _grouped(w: Tensor, group_size: int) -> Tensor:
+    """[N, K] -> [N, K/g, g] (per channel: [N, 1, K])."""
+    n, k = w.shape
+    g = k if group_size == -1 else group_size
+    return w.reshape(n, k // g, g)
+
+
+def qparams_minmax(
+    wmin: Tensor, wmax: Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype
+) -> tuple[Tensor, Tensor | None]:
+    """Scale (rounded to scale_dtype) and int8 zero point from per-group ranges; zero is None if symmetric."""
+    qmin, qmax = qrange(bits)
+    wmin = torch.minimum(wmin, torch.zeros_like(wmin))
+    wmax = torch.maximum(wmax, torch.zeros_like(wmax))
+    tiny = torch.finfo(torch.float16).tiny
+    if symmetric:
+        scale = torch.maximum(wmax, -wmin) / ((qmax - qmin) / 2)
+        scale = scale.clamp_min(tiny).to(scale_dtype)
+        return scale, None
+    scale = ((wmax - wmin) / (qmax - qmin)).clamp_min(tiny).to(scale_dtype)
+    zero = torch.round(qmin - wmin / scale.float()).clamp(qmin, qmax).to(torch.int8)
+    return scale, zero
+
+
+def quantize(w: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int) -> Tensor:
+    """W [N, K] float -> int8 codes [N, K] with the given (already rounded) scale [N, G] and zero [N, G]."""
+    qmin, qmax = qrange(bits)
+    wg = _grouped(w.float(), group_size)  # (N, G, g)
+    s = scale.float().unsqueeze(-1)
+    z = 0.0 if zero is None else zero.float().unsqueeze(-1)
+    q = torch.clamp(torch.round(wg / s) + z, qmin, qmax)
+    return q.reshape(w.shape).to(torch.int8)
+
+
+def dequantize(q: Tensor, scale: Tensor, zero: Tensor | None, group_size: int, dtype: torch.dtype) -> Tensor:
+    """int8 codes [N, K] -> weights [N, K]: (q - zero) * scale, computed in float32, then cast."""
+    qg = _grouped(q, group_size).float()  # (N, G, g)
+    if zero is not None:
+        qg = qg - zero.float().unsqueeze(-1)
+    return (qg * scale.float().unsqueeze(-1)).reshape(q.shape).to(dtype)
+
+
+def find_qparams(
+    w: Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype = torch.float16,
+    mse: bool = False,
+    grid: int = 100,
+    max_shrink: float = 0.8,
+    norm: float = 2.4,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-group scale/zero of W [N, K]: min/max, or with mse=True the shrink of the range (1, 0.99, ...,
+    1 - max_shrink) that minimises sum |Q(w) - w|^norm per group (the GPTQ reference's clipping search)."""
+    wg = _grouped(w.float(), group_size)  # (N, G, g)
+    wmin, wmax = wg.amin(-1), wg.amax(-1)
+    scale, zero = qparams_minmax(wmin, wmax, bits, symmetric, scale_dtype)
+    if not mse:
+        return scale, zero
+    best = _group_err(wg, scale, zero, bits, norm)
+    for i in range(1, int(max_shrink * grid) + 1):
+        p = 1 - i / grid
+        s, z = qparams_minmax(p * wmin, p * wmax, bits, symmetric, scale_dtype)
+        err = _group_err(wg, s, z, bits, norm)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        if zero is not None:
+            zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def _group_err(wg: Tensor, scale: Tensor, zero: Tensor | None, bits: int, norm: float) -> Tensor:
+    qmin, qmax = qrange(bits)
+    s = scale.float().unsqueeze(-1)
+    z = 0.0 if zero is None else zero.float().unsqueeze(-1)
+    dq = (torch.clamp(torch.round(wg / s) + z, qmin, qmax) - z) * s
+    return (dq - wg).abs().pow(norm).sum(-1)  # (N, G)
+
+
+@dataclass
+class QWeight:
+    """A quantized Linear weight: int8 codes plus grid. group_size is the effective one (-1: per channel)."""
+
+    q: Tensor  # (N, K) int8
+    scale: Tensor  # (N, G)
+    zero: Tensor | None  # (N, G) int8, None when symmetric
+    bits: int
+    group_size: int
+    requested_group_size: int
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero is None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)  # type: ignore[return-value]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize(self.q, self.scale, self.zero, self.group_size, dtype)
+
+    def storage_bits(self) -> int:
+        """Bits this weight takes on disk: packed codes, scales, packed zero points."""
+        n, k = self.shape
+        bits = n * math.ceil(k * self.bits / 32) * 32 + self.scale.numel() * self.scale.element_size() * 8
+        if self.zero is not None:
+            bits += math.ceil(n * self.bits / 32) * 32 * self.zero.shape[1]
+        return bits
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        """The compressed-tensors pack-quantized tensors of this weight (names relative to the Linear)."""
+        out = {
+            "weight_packed": pack_int32(self.q, self.bits),
+            "weight_scale": self.scale.contiguous(),
+            "weight_shape": torch.tensor(self.shape, dtype=torch.int64),
+        }
+        if self.zero is not None:
+            out["weight_zero_point"] = pack_int32(self.zero.t(), self.bits).t().contiguous()
+        return out
+
+
+def quantize_rtn(
+    w: Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype, mse: bool = False,
+    requested_group_size: int | None = None,
+) -> QWeight:
+    """Round-to-nearest on the (optionally MSE-clipped) min/max grid."""
+    scale, zero = find_qparams(w, bits, group_size, symmetric, scale_dtype, mse=mse)
+    q = quantize(w, scale, zero, bits, group_size)
+    return QWeight(q, scale, zero, bits, group_size, group_size if requested_group_size is None else requested_group_size)
+
+
+def pack_int32(q: Tensor, bits: int) -> Tensor:
+    """int8 codes (R, C) in the signed b-bit range -> int32 words (R, ceil(C*b/32)), dense along dim 1."""
+    r, c = q.shape
+    u = (q.to(torch.int64) + (1 << (bits - 1))) & ((1 << bits) - 1)  # unsigned codes
+    words = math.ceil(c * bits / 32)
+    start = torch.arange(c, dtype=torch.int64) * bits
+    word, off = start // 32, start % 32
+    out = torch.zeros(r, words + 1, dtype=torch.int64)
+    out.scatter_add_(1, word.expand(r, c), (u << off) & 0xFFFFFFFF)
+    spill = off + bits > 32  # high bits that cross into the next word
+    if spill.any():
+        out.scatter_add_(1, (word[spill] + 1).expand(r, -1), u[:, spill] >> (32 - off[spill]))
+    out = out[:, :words]
+    return torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
+
+
+def unpack_int32(packed: Tensor, bits: int, cols: int) -> Tensor:
+    """Inverse of pack_int32: int32 words (R, W) -> int8 codes (R, cols).
+    32 codes fill exactly `bits` words, so the words are viewed as (R, W/bits, bits) and code j of every
+    32-group is cut from the same word(s) at the same offset (a small index on the last dim, no gather)."""
+    r, w = packed.shape
+    pad = -w % bits
+    words = torch.nn.functional.pad(packed, (0, pad)) if pad else packed
+    words = words.reshape(r, -1, bits)  # (R, G, bits): G groups of 32 codes
+    start = torch.arange(32, device=packed.device) * bits
+    word, off = start // 32, (start % 32).to(torch.int32)
+    lo = torch.clamp(32 - off, max=bits)  # bits of code j in its first word; the rest open the next word
+    u = (words[:, :, word] >> off) & ((1 << lo) - 1)  # (R, G, 32); the mask drops shifted-in sign bits
+    if bits & (bits - 1):  # widths that do not divide 32 have codes that straddle two words
+        nxt = torch.clamp(word + 1, max=bits - 1)
+        u = u | ((words[:, :, nxt] & ((1 << (bits - lo)) - 1)) << lo)
+    u = u.reshape(r, -1)[:, :cols]
+    return (u - (1 << (bits - 1))).to(torch.int8)
+
+
+def qweight_from_tensors(t: dict[str, Tensor], bits: int, group_size: int) -> QWeight:
+    """Read the pack-quantized tensors of one Linear back into a QWeight (group_size -1 for per channel)."""
+    n, k = (int(x) for x in t["weight_shape"].tolist())
+    q = unpack_int32(t["weight_packed"], bits, k)
+    scale = t["weight_scale"]
+    zero = None
+    if "weight_zero_point" in t:
+        zero = unpack_int32(t["weight_zero_point"].t(), bits, n).t().contiguous()
+    return QWeight(q, scale, zero, bits, group_size, group_size)
+
+
+def dequantize_packed(packed: Tensor, scale: Tensor, zero_packed: Tensor | None, shape: tuple[int, int], bits: int,
+                      group_size: int, dtype: torch.dtype) -> Tensor:
+    """Reference dequantization straight from the pack-quantized tensors: (N, K) weights of `dtype`."""
+    n, k = shape
+    q = unpack_int32(packed, bits, k)
+    zero = None if zero_packed is None else unpack_int32(zero_packed.t(), bits, n).t()
+    return dequantize(q, scale, zero, group_size, dtype)

@@ -1,0 +1,233 @@
+"""The runner: capture the first block's inputs, then per block run the recipe's passes and hand the
+compressed block's outputs on as the next block's inputs (the GPTQ `llama.py` pattern).
+
+Memory is one block plus the calibration activations: the skeleton lives on the meta device, each block's
+weights are read from the safetensors files when its turn comes, written to the artifact as soon as it is
+done, and dropped. The runner knows passes only through the registry.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .errors import BadInput
+from .models import Checkpoint, checkpoint_key, find_blocks, materialize, release
+from .passes import get_pass
+from .quant import QWeight
+from .recipe import Recipe
+
+
+@dataclass
+class Context:
+    """What a pass may use besides its block: device, seed, and the run's reporting hooks."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    batch_size: int = 8
+    log: Callable[[str], None] = lambda msg: None
+    warnings: list[str] = field(default_factory=list)
+    _warned: set = field(default_factory=set)
+
+    def warn_once(self, msg: str, key: Any = None) -> None:
+        key = msg if key is None else key
+        if key not in self._warned:
+            self._warned.add(key)
+            self.warnings.append(msg)
+            self.log(f"[yellow]warning:[/] {msg}")
+
+
+def _hidden(out: Any) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class BlockIO:
+    """One block's calibration data: its inputs from the already-compressed earlier blocks, the extra
+    keyword arguments of its forward (masks, rotary embeddings), and the Linear layers to compress."""
+
+    prefix: str  # module name of the block, e.g. "model.layers.3"
+    inputs: list[Tensor]  # per batch (B, T, D)
+    kwargs: list[dict[str, Any]]  # per batch
+    layers: dict[str, nn.Linear]  # full module name -> Linear, the recipe's targets in this block
+
+    @torch.no_grad()
+    def forward(self, block: nn.Module) -> list[Tensor]:
+        return [_hidden(block(x, **kw)) for x, kw in zip(self.inputs, self.kwargs)]
+
+    @torch.no_grad()
+    def input_second_moments(self, block: nn.Module, names: list[str]) -> dict[str, Tensor]:
+        """sum over calibration tokens of x x^T for the inputs of the named layers: {name: (K, K)}."""
+        dev = self.inputs[0].device
+        acc = {n: torch.zeros(self.layers[n].in_features, self.layers[n].in_features, device=dev) for n in names}
+
+        def hook(name: str):
+            def fn(_m: nn.Module, args: tuple) -> None:
+                x = args[0].reshape(-1, args[0].shape[-1]).float()  # (B*T, K)
+                acc[name] += x.T @ x
+            return fn
+
+        handles = [self.layers[n].register_forward_pre_hook(hook(n)) for n in names]
+        try:
+            self.forward(block)
+        finally:
+            for h in handles:
+                h.remove()
+        return acc
+
+    @torch.no_grad()
+    def sibling_groups(self, block: nn.Module) -> list[list[str]]:
+        """The target layers grouped by the input they read (q/k/v, gate/up, ...), in execution order."""
+        seen: list[tuple[Tensor, list[str]]] = []
+
+        def hook(name: str):
+            def fn(_m: nn.Module, args: tuple) -> None:
+                for x, names in seen:
+                    if x is args[0]:
+                        names.append(name)
+                        return
+                seen.append((args[0], [name]))
+            return fn
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in self.layers.items()]
+        try:
+            _hidden(block(self.inputs[0][:1], **_slice_kwargs(self.kwargs[0], self.inputs[0].shape[0])))
+        finally:
+            for h in handles:
+                h.remove()
+        groups = [names for _, names in seen]
+        missing = [n for n in self.layers if not any(n in g for g in groups)]
+        return groups + ([missing] if missing else [])
+
+
+def _slice_kwargs(kw: dict[str, Any], batch: int) -> dict[str, Any]:
+    """Keyword arguments for the first sample of a batch (tensors with a batch dimension are cut)."""
+    out = {}
+    for k, v in kw.items():
+        if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == batch and batch > 1:
+            out[k] = v[:1]
+        elif isinstance(v, tuple) and all(isinstance(t, Tensor) for t in v):
+            out[k] = tuple(t[:1] if t.dim() > 0 and t.shape[0] == batch and batch > 1 else t for t in v)
+        else:
+            out[k] = v
+    return out
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, block: nn.Module, windows: Tensor, batch_size: int,
+                         device: torch.device) -> tuple[list[Tensor], list[dict[str, Any]]]:
+    """Run the model up to the first block on each batch of windows and keep what enters that block."""
+    inputs: list[Tensor] = []
+    kwargs: list[dict[str, Any]] = []
+
+    def catch(_m: nn.Module, args: tuple, kw: dict[str, Any]) -> None:
+        inputs.append(args[0] if args else kw.pop("hidden_states"))
+        kwargs.append({k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value", "use_cache")})
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for i in range(0, windows.shape[0], batch_size):
+            ids = windows[i : i + batch_size].to(device)
+            try:
+                model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return inputs, kwargs
+
+
+@dataclass
+class BlockResult:
+    qweights: dict[str, QWeight]
+    layer_pass: dict[str, str]
+    layer_err: dict[str, float]  # ||W_q - W|| / ||W|| per layer
+    out_rel_err: float  # ||y_q - y_fp||^2 / ||y_fp||^2 of the block's output on the compressed inputs
+    seconds: float
+
+
+def run_blocks(
+    model: nn.Module,
+    ckpt: Checkpoint,
+    recipe: Recipe,
+    windows: Tensor,
+    ctx: Context,
+    on_block_done: Callable[[int, str, BlockResult], None],
+) -> None:
+    """Compress the model block by block; `on_block_done(i, prefix, result)` is called while the block's
+    quantized weights are still in memory (the artifact writer reads them there), then it is dropped."""
+    blocks_prefix, blocks = find_blocks(model)
+    materialize(model, "", ckpt, ctx.device, exclude=blocks_prefix)
+    inputs, kwargs = capture_block_inputs(model, blocks[0], windows, ctx.batch_size, ctx.device)
+    release(model, "", exclude=blocks_prefix)  # embeddings are not needed any more
+    specs = [(spec, get_pass(spec.name)) for spec in recipe.passes]
+    for spec, info in specs:
+        if info.kind != "block":
+            raise BadInput(f"pass {spec.name!r} is a planner; this runner applies block passes only")
+    for i, block in enumerate(blocks):
+        t0 = time.perf_counter()
+        prefix = f"{blocks_prefix}.{i}"
+        materialize(model, prefix, ckpt, ctx.device)
+        io = BlockIO(prefix, inputs, kwargs, {})
+        fp_out = io.forward(block)
+        qweights: dict[str, QWeight] = {}
+        layer_pass: dict[str, str] = {}
+        layer_err: dict[str, float] = {}
+        for spec, info in specs:
+            layers = {f"{prefix}.{n}": m for n, m in block.named_modules()
+                      if isinstance(m, nn.Linear) and spec.selects(f"{prefix}.{n}")}
+            for name in layers:
+                if name in layer_pass:
+                    raise BadInput(f"layer {name} is selected by two passes ({layer_pass[name]} and {spec.name}); "
+                                   "narrow their targets")
+            if not layers:
+                continue
+            io.layers = layers
+            fp_w = {n: m.weight.data.clone() for n, m in layers.items()}
+            result = info.fn(block, io, spec.config, ctx)
+            for name, qw in result.items():
+                layers[name].weight.data = qw.dequantize(layers[name].weight.dtype)  # hand on what the loader sees
+                qweights[name] = qw
+                layer_pass[name] = spec.name
+                layer_err[name] = float((layers[name].weight.data - fp_w[name]).norm() / fp_w[name].norm().clamp_min(1e-30))
+        q_out = io.forward(block)
+        num = sum(float((a - b).pow(2).sum()) for a, b in zip(q_out, fp_out))
+        den = sum(float(b.pow(2).sum()) for b in fp_out)
+        inputs = q_out
+        del fp_out
+        on_block_done(i, prefix, BlockResult(qweights, layer_pass, layer_err, num / max(den, 1e-30), time.perf_counter() - t0))
+        release(model, prefix)
+
+
+def block_tensors(model: nn.Module, ckpt: Checkpoint, prefix: str, qweights: dict[str, QWeight]) -> dict[str, Tensor]:
+    """The artifact tensors of one block: checkpoint tensors unchanged, quantized weights packed."""
+    out: dict[str, Tensor] = {}
+    quant_keys = {}
+    for name, qw in qweights.items():
+        key = checkpoint_key(model, ckpt, f"{name}.weight")
+        assert key is not None
+        quant_keys[key] = qw
+        for suffix, t in qw.to_tensors().items():
+            out[key[: -len("weight")] + suffix] = t
+    ck_prefix = checkpoint_key_prefix(model, ckpt, prefix)
+    for key in ckpt.keys():
+        if key.startswith(ck_prefix) and key not in quant_keys:
+            out[key] = ckpt.get(key)
+    return out
+
+
+def checkpoint_key_prefix(model: nn.Module, ckpt: Checkpoint, module_name: str) -> str:
+    """The checkpoint-side spelling of a module name prefix (base-model prefix added or removed)."""
+    for name, _ in model.get_submodule(module_name).named_parameters():
+        key = checkpoint_key(model, ckpt, f"{module_name}.{name}")
+        if key is not None:
+            return key[: -len(name)]
+    return module_name + "."
