@@ -82,7 +82,8 @@ def compress(
                     "bits_per_weight": round(qw.storage_bits() / (n * k), 4),
                     "weight_rel_err": round(res.layer_err[name], 6),
                 }
-            block_errs[prefix] = res.out_rel_err
+            if res.out_rel_err is not None:
+                block_errs[prefix] = res.out_rel_err
             if on_block:
                 on_block(i, len(blocks), prefix, res)
 

@@ -12,6 +12,7 @@ from typing import Any, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -34,7 +35,7 @@ def _guard() -> Iterator[None]:
     try:
         yield
     except CompressorError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]: nothing was written")
@@ -81,8 +82,8 @@ def model_cmd(
                 task = progress.add_task("compressing blocks", total=n)
             progress.update(task, advance=1, description=f"{prefix}")
             if not err.is_terminal:
-                err.print(f"block {i + 1}/{n} {prefix}: output rel. MSE {res.out_rel_err:.3g}, {res.seconds:.1f}s",
-                          highlight=False)
+                mse = "" if res.out_rel_err is None else f"output rel. MSE {res.out_rel_err:.3g}, "
+                err.print(f"block {i + 1}/{n} {prefix}: {mse}{res.seconds:.1f}s", highlight=False)
 
         with progress:
             summary = compress(model, recipe, out, calib, samples, seq_len, seed, device, force, allow_pickle,

@@ -18,6 +18,7 @@ from torch import nn
 from .data import eval_windows, read_texts, tokenize
 from .errors import BadInput
 from .models import is_causal_lm, resolve_model
+from .modules import dequantize_model
 
 
 @torch.no_grad()
@@ -73,6 +74,8 @@ def evaluate(target: str, data: list[str | Path], max_tokens: int = 16384, seq_l
     dev = pick_device(device)
     src = resolve_model(str(target), allow_pickle, trust_remote_code)
     model = load(target, str(dev), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if dev.type == "cpu":
+        dequantize_model(model)  # same numbers as QuantLinear's reference path, dequantized once
     base_model = load(base, str(dev), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code) if base else None
     tokens = tokenize(load_tokenizer(src.path), read_texts([Path(d) for d in data]))
     limit = getattr(model.config, "max_position_embeddings", None)

@@ -40,3 +40,18 @@ class QuantLinear(nn.Module):
         g = "channel" if self.group_size == -1 else f"group {self.group_size}"
         sym = "sym" if self.weight_zero_point is None else "asym"
         return f"{self.in_features}, {self.out_features}, int{self.bits} {g} {sym}, bias={self.bias is not None}"
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every QuantLinear by a plain Linear holding its dequantized weight (in place).
+    Where no fused kernel runs (the CPU), dequantizing once instead of at every forward gives the same
+    numbers much faster; this is what evaluation does there."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantLinear):
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            lin.weight = nn.Parameter(m.dequantized_weight(dtype), requires_grad=False)
+            if m.bias is not None:
+                lin.bias = nn.Parameter(m.bias.data.to(dtype), requires_grad=False)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, lin)
+    return model

@@ -63,16 +63,25 @@ class BlockIO:
         """sum over calibration tokens of x x^T for the inputs of the named layers: {name: (K, K)}."""
         dev = self.inputs[0].device
         acc = {n: torch.zeros(self.layers[n].in_features, self.layers[n].in_features, device=dev) for n in names}
+        pending: set[str] = set()
 
         def hook(name: str):
             def fn(_m: nn.Module, args: tuple) -> None:
                 x = args[0].reshape(-1, args[0].shape[-1]).float()  # (B*T, K)
                 acc[name] += x.T @ x
+                pending.discard(name)
+                if not pending:
+                    raise _Stop  # the rest of the block is not needed for these layers
             return fn
 
         handles = [self.layers[n].register_forward_pre_hook(hook(n)) for n in names]
         try:
-            self.forward(block)
+            for x, kw in zip(self.inputs, self.kwargs):
+                pending.update(names)
+                try:
+                    block(x, **kw)
+                except _Stop:
+                    pass
         finally:
             for h in handles:
                 h.remove()
@@ -150,7 +159,8 @@ class BlockResult:
     qweights: dict[str, QWeight]
     layer_pass: dict[str, str]
     layer_err: dict[str, float]  # ||W_q - W|| / ||W|| per layer
-    out_rel_err: float  # ||y_q - y_fp||^2 / ||y_fp||^2 of the block's output on the compressed inputs
+    out_rel_err: float | None  # ||y_q - y_fp||^2 / ||y_fp||^2 of the block output on the compressed inputs
+    # (None when no pass of the recipe needs calibration data: then nothing is run forward)
     seconds: float
 
 
@@ -165,19 +175,23 @@ def run_blocks(
     """Compress the model block by block; `on_block_done(i, prefix, result)` is called while the block's
     quantized weights are still in memory (the artifact writer reads them there), then it is dropped."""
     blocks_prefix, blocks = find_blocks(model)
-    materialize(model, "", ckpt, ctx.device, exclude=blocks_prefix)
-    inputs, kwargs = capture_block_inputs(model, blocks[0], windows, ctx.batch_size, ctx.device)
-    release(model, "", exclude=blocks_prefix)  # embeddings are not needed any more
     specs = [(spec, get_pass(spec.name)) for spec in recipe.passes]
     for spec, info in specs:
         if info.kind != "block":
             raise BadInput(f"pass {spec.name!r} is a planner; this runner applies block passes only")
+    needs_data = any(info.needs_data for _, info in specs)
+    if needs_data:
+        materialize(model, "", ckpt, ctx.device, exclude=blocks_prefix)
+        inputs, kwargs = capture_block_inputs(model, blocks[0], windows, ctx.batch_size, ctx.device)
+        release(model, "", exclude=blocks_prefix)  # embeddings are not needed any more
+    else:
+        inputs, kwargs = [], []  # data-free passes (RTN): no forward at all
     for i, block in enumerate(blocks):
         t0 = time.perf_counter()
         prefix = f"{blocks_prefix}.{i}"
         materialize(model, prefix, ckpt, ctx.device)
         io = BlockIO(prefix, inputs, kwargs, {})
-        fp_out = io.forward(block)
+        fp_out = io.forward(block) if needs_data else []
         qweights: dict[str, QWeight] = {}
         layer_pass: dict[str, str] = {}
         layer_err: dict[str, float] = {}
@@ -198,12 +212,15 @@ def run_blocks(
                 qweights[name] = qw
                 layer_pass[name] = spec.name
                 layer_err[name] = float((layers[name].weight.data - fp_w[name]).norm() / fp_w[name].norm().clamp_min(1e-30))
-        q_out = io.forward(block)
-        num = sum(float((a - b).pow(2).sum()) for a, b in zip(q_out, fp_out))
-        den = sum(float(b.pow(2).sum()) for b in fp_out)
-        inputs = q_out
-        del fp_out
-        on_block_done(i, prefix, BlockResult(qweights, layer_pass, layer_err, num / max(den, 1e-30), time.perf_counter() - t0))
+        out_err = None
+        if needs_data:
+            q_out = io.forward(block)
+            num = sum(float((a - b).pow(2).sum()) for a, b in zip(q_out, fp_out))
+            den = sum(float(b.pow(2).sum()) for b in fp_out)
+            out_err = num / max(den, 1e-30)
+            inputs = q_out
+            del fp_out
+        on_block_done(i, prefix, BlockResult(qweights, layer_pass, layer_err, out_err, time.perf_counter() - t0))
         release(model, prefix)
 
 

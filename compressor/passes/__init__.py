@@ -43,20 +43,22 @@ class PassInfo:
     config: type[PassConfig]
     fn: Callable[..., Any]
     kind: Literal["block", "planner"]
+    needs_data: bool  # False: the pass never looks at activations, so the runner skips all forwards
     doc: str
 
 
 PASSES: dict[str, PassInfo] = {}
 
 
-def register_pass(name: str, config: type[PassConfig], kind: Literal["block", "planner"] = "block"):
+def register_pass(name: str, config: type[PassConfig], kind: Literal["block", "planner"] = "block",
+                  needs_data: bool = True):
     """Decorator: register `fn` under `name`. A second registration of a name is an error."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in PASSES:
             raise ValueError(f"pass {name!r} is already registered (by {PASSES[name].fn.__module__})")
         doc = (fn.__doc__ or "").strip().splitlines()
-        PASSES[name] = PassInfo(name, config, fn, kind, doc[0] if doc else "")
+        PASSES[name] = PassInfo(name, config, fn, kind, needs_data, doc[0] if doc else "")
         return fn
 
     return wrap

@@ -16,7 +16,7 @@ class RTNConfig(QuantConfig):
     pass
 
 
-@register_pass("rtn", RTNConfig)
+@register_pass("rtn", RTNConfig, needs_data=False)
 def rtn(block: nn.Module, io: "BlockIO", cfg: RTNConfig, ctx: "Context") -> dict[str, QWeight]:
     """Round-to-nearest, no calibration data needed (the baseline)."""
     out = {}

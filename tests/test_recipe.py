@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import pytest
+
+from compressor.errors import BadInput
+from compressor.recipe import load_recipe, matches, parse_recipe, shipped_recipes
+
+
+def test_shipped_recipes_parse_and_round_trip():
+    import yaml
+
+    names = set(shipped_recipes())
+    assert {"w4-rtn", "w8-rtn", "w4-gptq", "w3-gptq"} <= names
+    for name in names:
+        r = load_recipe(name)
+        again = parse_recipe(yaml.safe_load(r.to_yaml()), "again")
+        assert again.passes == r.passes and again.calibration == r.calibration
+    w3 = load_recipe("w3-gptq").passes[0].config
+    assert (w3.bits, w3.group_size, w3.symmetric) == (3, 128, False)
+
+
+def test_errors_name_key_and_file():
+    with pytest.raises(BadInput, match=r"x\.yaml: passes\[0\] \(gptq\): unknown key 'bitz'"):
+        parse_recipe({"passes": [{"pass": "gptq", "bitz": 4}]}, "x.yaml")
+    with pytest.raises(BadInput, match=r"x\.yaml: passes\[0\] \(rtn\): bits: .*got 'four'"):
+        parse_recipe({"passes": [{"pass": "rtn", "bits": "four"}]}, "x.yaml")
+    with pytest.raises(BadInput, match=r"unknown pass 'gptqq'; known: .*gptq"):
+        parse_recipe({"passes": [{"pass": "gptqq"}]}, "x.yaml")
+    with pytest.raises(BadInput, match="bits"):
+        parse_recipe({"passes": [{"pass": "rtn", "bits": 9}]}, "x.yaml")
+    with pytest.raises(BadInput, match=r"unknown recipe 'nope'; shipped recipes: .*w4-gptq"):
+        load_recipe("nope")
+
+
+def test_targets_and_ignore():
+    r = parse_recipe({"passes": [{"pass": "rtn", "targets": [r"re:.*mlp\.\w+_proj$"], "ignore": ["down_proj"]}]}, "t")
+    spec = r.passes[0]
+    assert spec.selects("model.layers.0.mlp.up_proj")
+    assert not spec.selects("model.layers.0.mlp.down_proj")
+    assert not spec.selects("model.layers.0.self_attn.q_proj")
+    assert matches("lm_head", "lm_head") and not matches("lm_head", "xlm_head")
