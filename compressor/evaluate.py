@@ -22,19 +22,24 @@ from .modules import dequantize_model
 
 
 @torch.no_grad()
-def nll_and_kl(model: nn.Module, windows: torch.Tensor, base: nn.Module | None, device: torch.device,
-               on_window: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Summed next-token NLL (and KL to base) over windows (n, T), one window at a time."""
+def log_probs(model: nn.Module, window: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Next-token log-probabilities of one window (T,): (T-1, V) float32."""
+    return F.log_softmax(model(input_ids=window.unsqueeze(0).to(device)).logits[0, :-1].float(), -1)
+
+
+@torch.no_grad()
+def nll_and_kl(model: nn.Module, windows: torch.Tensor, base: nn.Module | list[torch.Tensor] | None,
+               device: torch.device, on_window: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Mean next-token NLL (and KL(base || model)) over windows (n, T), one window at a time. `base` is a
+    model, or its log-probabilities per window already computed (benchmarks compare many models to one)."""
     nll = kl = 0.0
     count = 0
     for i, w in enumerate(windows):
-        ids = w.unsqueeze(0).to(device)
-        logits = model(input_ids=ids).logits[0, :-1].float()  # (T-1, V)
-        target = ids[0, 1:]
-        logp = F.log_softmax(logits, -1)
+        logp = log_probs(model, w, device)
+        target = w[1:].to(device)
         nll += float(F.nll_loss(logp, target, reduction="sum"))
         if base is not None:
-            base_logp = F.log_softmax(base(input_ids=ids).logits[0, :-1].float(), -1)
+            base_logp = base[i] if isinstance(base, list) else log_probs(base, w, device)
             kl += float((base_logp.exp() * (base_logp - logp)).sum())
         count += target.numel()
         if on_window:
