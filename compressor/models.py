@@ -215,7 +215,6 @@ class Checkpoint:
             with safe_open(f, framework="pt") as h:
                 for k in h.keys():
                     self.files[k] = f
-        self._handles: dict[Path, object] = {}
 
     def keys(self) -> list[str]:
         return sorted(self.files)
@@ -224,10 +223,10 @@ class Checkpoint:
         return key in self.files
 
     def get(self, key: str) -> torch.Tensor:
-        f = self.files[key]
-        if f not in self._handles:
-            self._handles[f] = safe_open(f, framework="pt")
-        return self._handles[f].get_tensor(key)  # type: ignore[attr-defined]
+        # Opened per read and closed at once: a handle kept open keeps every page it has touched mapped,
+        # so resident memory would grow with the model instead of staying at one block.
+        with safe_open(self.files[key], framework="pt") as h:
+            return h.get_tensor(key)
 
 
 def model_class(config):
@@ -326,12 +325,35 @@ def _tied_output_weight(model: nn.Module) -> str | None:
 
 
 def release(model: nn.Module, module_name: str, exclude: str | None = None) -> None:
-    """Drop the parameters of a submodule ('' = the model, less `exclude`) back to the meta device."""
+    """Drop the parameters of a submodule ('' = the model, less `exclude`) back to the meta device, and
+    hand the freed heap back to the system (glibc otherwise keeps it, fragmented, and the peak creeps up
+    block after block)."""
     module = model.get_submodule(module_name) if module_name else model
     prefix = f"{module_name}." if module_name else ""
     for name, _ in list(module.named_parameters(recurse=True)):
         if not (exclude and (prefix + name).startswith(exclude + ".")):
             set_module_tensor_to_device(module, name, "meta")
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

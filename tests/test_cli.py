@@ -145,27 +145,16 @@ def test_unknown_recipe_lists_shipped(tmp_path, tiny_llama):
     assert_nothing_left(out)
 
 
-def test_recipe_unknown_key(tmp_path, tiny_llama):
-    recipe = write_recipe(tmp_path / "typo.yaml", "version: 1\npasses:\n  - pass: rtn\n    bits: 4\n    group_sise: 64\n")
+@pytest.mark.parametrize("fname,text,expect", [
+    ("typo.yaml", "version: 1\npasses:\n  - pass: rtn\n    bits: 4\n    group_sise: 64\n", ("unknown key", "group_sise")),
+    ("top.yaml", "version: 1\ncalibraton: {samples: 2}\npasses:\n  - pass: rtn\n", ("unknown key", "calibraton")),
+    ("words.yaml", "version: 1\npasses:\n  - pass: rtn\n    bits: four\n", ("bits", "four")),
+], ids=["unknown-key", "unknown-top-level-key", "wrong-type"])
+def test_bad_recipe_names_key_and_file(tmp_path, tiny_llama, fname, text, expect):
+    recipe = write_recipe(tmp_path / fname, text)
     out = tmp_path / "out"
     r = compress_tiny(tiny_llama, out, recipe=str(recipe))
-    assert_error(r, 2, "typo.yaml", "unknown key", "group_sise")
-    assert_nothing_left(out)
-
-
-def test_recipe_unknown_top_level_key(tmp_path, tiny_llama):
-    recipe = write_recipe(tmp_path / "top.yaml", "version: 1\ncalibraton: {samples: 2}\npasses:\n  - pass: rtn\n")
-    out = tmp_path / "out"
-    r = compress_tiny(tiny_llama, out, recipe=str(recipe))
-    assert_error(r, 2, "top.yaml", "unknown key", "calibraton")
-    assert_nothing_left(out)
-
-
-def test_recipe_wrong_type(tmp_path, tiny_llama):
-    recipe = write_recipe(tmp_path / "words.yaml", "version: 1\npasses:\n  - pass: rtn\n    bits: four\n")
-    out = tmp_path / "out"
-    r = compress_tiny(tiny_llama, out, recipe=str(recipe))
-    assert_error(r, 2, "words.yaml", "bits", "four")
+    assert_error(r, 2, fname, *expect)
     assert_nothing_left(out)
 
 
