@@ -6,6 +6,7 @@ draws them, saves them, and llm-compressor is fed exactly those). Evaluation: pe
 evaluator for every artifact (llm-compressor's artifacts are compressed-tensors too; our loader opens
 them). Bits per weight are counted the same way for both, from the stored tensors of the quantized
 layers (codes + scales + zero points). Rows: W4 per-channel, W4 group 64, W3 group 64, asymmetric.
+Our runs use the shipped recipes' settings (OURS below); llm-compressor runs with its defaults (min/max).
 
 llm-compressor runs in its own venv (bench/peer/README.md); pass --peer-python or skip it with --no-peer.
 Each run is cached under --work (resumable); results go to bench/results/quality.{json,md}.
@@ -15,6 +16,7 @@ Each run is cached under --work (resumable); results go to bench/results/quality
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -58,9 +60,15 @@ def stored_bits_per_weight(art: Path) -> float:
     return bits / weights
 
 
+# Our settings per method, as the shipped recipes have them: GPTQ searches the clipping range (mse) and
+# refits its scales; RTN keeps the plain min/max range (on this model MSE clipping makes RTN worse).
+OURS = {"rtn": {"mse": False}, "gptq": {"mse": True, "refit_scales": True}}
+
+
 def recipe_yaml(method: str, bits: int, g: int, samples: int, seq_len: int) -> str:
+    extra = "".join(f"    {k}: {str(v).lower()}\n" for k, v in OURS[method].items())
     return (f"version: 1\ncalibration: {{samples: {samples}, seq_len: {seq_len}, seed: 0}}\npasses:\n"
-            f"  - pass: {method}\n    bits: {bits}\n    group_size: {g}\n    symmetric: false\n")
+            f"  - pass: {method}\n    bits: {bits}\n    group_size: {g}\n    symmetric: false\n" + extra)
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -115,16 +123,19 @@ def main() -> None:
     for row in a.rows.split(","):
         bits, g = ROWS[row]
         for method in ("rtn", "gptq"):
-            out = a.work / f"ours-{method}-{row}"
-            meta = a.work / f"ours-{method}-{row}.json"
+            recipe = recipe_yaml(method, bits, g, a.samples, a.seq_len)
+            name = f"ours-{method}-{row}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}"  # new settings, new run
+            out = a.work / name
+            meta = a.work / f"{name}.json"
             if not meta.is_file():
-                rfile = a.work / f"ours-{method}-{row}.yaml"
-                rfile.write_text(recipe_yaml(method, bits, g, a.samples, a.seq_len))
+                rfile = a.work / f"{name}.yaml"
+                rfile.write_text(recipe)
                 print(f"[ours] {method} {row} ...", flush=True)
                 secs = run([sys.executable, "-m", "compressor.cli", "model", "demo", "--recipe", str(rfile), "--out",
-                            str(out), "--calib", str(calib), "--force", "--json"], a.work / f"ours-{method}-{row}.log")
+                            str(out), "--calib", str(calib), "--force", "--json"], a.work / f"{name}.log")
                 meta.write_text(json.dumps({"seconds": secs}))
-            evaluate_run(row, "compressor", method, out, json.loads(meta.read_text())["seconds"])
+            label = "+".join([method] + [k.split("_")[0] for k, v in OURS[method].items() if v])
+            evaluate_run(row, "compressor", label, out, json.loads(meta.read_text())["seconds"])
             if a.no_peer:
                 continue
             out = a.work / f"peer-{method}-{row}"

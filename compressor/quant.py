@@ -129,6 +129,37 @@ def _group_err(wg: Tensor, scale: Tensor, zero: Tensor | None, bits: int, norm: 
     return (dq - wg).abs().pow(norm).sum(-1)  # (N, G)
 
 
+def refit_scales(
+    w: Tensor, h: Tensor, q: Tensor, scale: Tensor, zero: Tensor | None, group_size: int
+) -> Tensor:
+    """With the integer codes fixed, the scales that minimise each row's output error
+    (w - w_hat) H (w - w_hat)^T, w_hat = s_g (q - z) on each group g: a G x G least-squares system per row.
+    A row keeps its old scales unless the new ones, rounded to the scale dtype, are positive and lower
+    its error, so the layer's error never goes up."""
+    n, k = w.shape
+    g = k if group_size == -1 else group_size
+    ng = k // g
+    w, h = w.double(), h.double()
+    u = _grouped(q.double(), group_size)  # (N, G, g)
+    if zero is not None:
+        u = u - zero.double().unsqueeze(-1)
+    # a[n, g1, g2] = u_g1 H u_g2^T; b[n, g1] = u_g1 H w^T
+    hu = torch.einsum("kgj,ngj->nkg", h.reshape(k, ng, g), u)  # (N, K, G)
+    a = torch.einsum("ngi,ngih->ngh", u, hu.reshape(n, ng, g, ng))
+    b = (u * _grouped(w @ h, group_size)).sum(-1)  # (N, G)
+    ridge = 1e-9 * a.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+    a = a + ridge[:, None, None] * torch.eye(ng, dtype=a.dtype)
+    new = torch.linalg.solve(a, b.unsqueeze(-1)).squeeze(-1).to(scale.dtype)  # (N, G), rounded like storage
+
+    def row_err(s: Tensor) -> Tensor:
+        d = w - (u * s.double().unsqueeze(-1)).reshape(n, k)
+        return ((d @ h) * d).sum(-1)
+
+    ok = torch.isfinite(new.float()).all(-1) & (new.float() > 0).all(-1)
+    better = ok & (row_err(torch.where(ok[:, None], new, scale)) < row_err(scale))
+    return torch.where(better[:, None], new, scale)
+
+
 @dataclass
 class QWeight:
     """A quantized Linear weight: int8 codes plus grid. group_size is the effective one (-1: per channel)."""

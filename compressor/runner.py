@@ -64,11 +64,16 @@ class BlockIO:
         dev = self.inputs[0].device
         acc = {n: torch.zeros(self.layers[n].in_features, self.layers[n].in_features, device=dev) for n in names}
         pending: set[str] = set()
+        done: list[tuple[Tensor, Tensor]] = []  # this batch's (input, x^T x): siblings reading one input share it
 
         def hook(name: str):
             def fn(_m: nn.Module, args: tuple) -> None:
-                x = args[0].reshape(-1, args[0].shape[-1]).float()  # (B*T, K)
-                acc[name] += x.T @ x
+                xtx = next((m for x, m in done if x is args[0]), None)
+                if xtx is None:
+                    x = args[0].reshape(-1, args[0].shape[-1]).float()  # (B*T, K)
+                    xtx = x.T @ x
+                    done.append((args[0], xtx))
+                acc[name] += xtx
                 pending.discard(name)
                 if not pending:
                     raise _Stop  # the rest of the block is not needed for these layers
@@ -78,11 +83,13 @@ class BlockIO:
         try:
             for x, kw in zip(self.inputs, self.kwargs):
                 pending.update(names)
+                done.clear()
                 try:
                     block(x, **kw)
                 except _Stop:
                     pass
         finally:
+            done.clear()
             for h in handles:
                 h.remove()
         return acc

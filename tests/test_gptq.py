@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compressor.passes.gptq import gptq_quantize
-from compressor.quant import quantize_rtn
+from compressor.quant import dequantize, quantize_rtn, refit_scales
 
 
 def correlated_inputs(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -84,3 +84,31 @@ def test_gptq_beats_rtn_on_a_real_block(demo_path):
         out = io.forward(block)
         errs[name] = sum(float((a - b).pow(2).sum()) for a, b in zip(out, fp_out)) / sum(float(b.pow(2).sum()) for b in fp_out)
     assert errs["gptq"] < 0.6 * errs["rtn"], f"block output rel. MSE: {errs}"
+
+
+@pytest.mark.parametrize("group_size,symmetric", [(-1, False), (32, True), (32, False)])
+def test_refit_recovers_the_scales_of_an_exact_grid(group_size, symmetric):
+    """Weights that lie exactly on a grid: from the codes alone, least squares finds that grid's scales."""
+    torch.manual_seed(2)
+    g = 128 if group_size == -1 else group_size
+    q = torch.randint(-8, 8, (24, 128), dtype=torch.int8)
+    scale = torch.rand(24, 128 // g) * 0.1 + 0.01
+    zero = None if symmetric else torch.randint(-3, 3, (24, 128 // g), dtype=torch.int8)
+    w = dequantize(q, scale, zero, group_size, torch.float64).float()
+    h = correlated_inputs(1024, 128).T @ correlated_inputs(1024, 128)
+    start = scale * (1 + 0.2 * torch.rand_like(scale))  # a wrong starting grid
+    got = refit_scales(w, h, q, start, zero, group_size)
+    assert torch.allclose(got, scale, rtol=1e-4), (got - scale).abs().max()
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, -1), (3, 64)])
+def test_refit_lowers_gptq_output_error(bits, group_size):
+    torch.manual_seed(3)
+    x = correlated_inputs(2048, 256)
+    w = torch.randn(128, 256) * 0.05
+    h = x.T @ x
+    errs = {}
+    for refit in (False, True):
+        q = gptq_quantize(w, h, bits, group_size, False, torch.float16, refit=refit)
+        errs[refit] = float((x @ (q.dequantize() - w).T).pow(2).sum())
+    assert errs[True] < 0.99 * errs[False], errs

@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..quant import QWeight, find_qparams, qrange
+from ..quant import QWeight, find_qparams, qrange, refit_scales
 from . import QuantConfig, layer_group_size, register_pass
 
 if TYPE_CHECKING:
@@ -25,6 +25,8 @@ class GPTQConfig(QuantConfig):
     block_size: int = Field(128, ge=1, description="columns updated lazily together")
     act_order: bool = Field(True, description="quantize columns in order of decreasing Hessian diagonal")
     true_sequential: bool = True
+    refit_scales: bool = Field(True, description="after GPTQ, re-solve each row's scales for the fixed codes "
+                               "against the Hessian (least squares; a row keeps its scales unless its error drops)")
 
 
 @torch.no_grad()
@@ -39,6 +41,7 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = True,
     mse: bool = False,
+    refit: bool = True,
 ) -> QWeight:
     """Quantize W against Hessian H. Groups stay in natural column order so the grid is plain
     compressed-tensors (no g_idx): without act_order each group's grid is found when GPTQ reaches it
@@ -50,6 +53,7 @@ def gptq_quantize(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
+    w0, h0 = w.clone(), h.clone()  # the problem in natural column order, for the scale refit
     g = k if group_size == -1 else group_size
 
     static = act_order or group_size == -1
@@ -89,6 +93,8 @@ def gptq_quantize(
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     q = q[:, torch.argsort(perm)]
+    if refit:
+        scale = refit_scales(w0, h0, q, scale, zero, g if group_size != -1 else -1)
     return QWeight(q, scale, zero, bits, group_size, group_size)
 
 
@@ -105,6 +111,7 @@ def gptq(block: nn.Module, io: "BlockIO", cfg: GPTQConfig, ctx: "Context") -> di
             qw = gptq_quantize(
                 lin.weight.data, hessians[name], cfg.bits, g, cfg.symmetric, cfg.torch_scale_dtype,
                 damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order, mse=cfg.mse,
+                refit=cfg.refit_scales,
             )
             qw.requested_group_size = cfg.group_size
             out[name] = qw
