@@ -76,13 +76,14 @@ def evaluate(target: str, data: list[str | Path], max_tokens: int = 16384, seq_l
         raise BadInput("evaluation needs --data FILE")
     if seq_len < 2 or max_tokens < seq_len:
         raise BadInput(f"need 2 <= seq_len <= max_tokens, got seq_len {seq_len}, max_tokens {max_tokens}")
+    texts = read_texts([Path(d) for d in data])  # bad data files fail before any model is loaded
     dev = pick_device(device)
     src = resolve_model(str(target), allow_pickle, trust_remote_code)
     model = load(target, str(dev), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if dev.type == "cpu":
         dequantize_model(model)  # same numbers as QuantLinear's reference path, dequantized once
     base_model = load(base, str(dev), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code) if base else None
-    tokens = tokenize(load_tokenizer(src.path), read_texts([Path(d) for d in data]))
+    tokens = tokenize(load_tokenizer(src.path), texts)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and seq_len > limit:
         raise BadInput(f"seq_len {seq_len} is longer than the model's max_position_embeddings {limit}")
