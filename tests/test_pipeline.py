@@ -52,8 +52,8 @@ def test_transformers_opens_artifact_with_same_logits(demo_w4_artifact):
 
 
 def test_quality_of_w4_artifact(demo_w4_artifact, demo_path, persuasion):
-    """Perplexity on 2 windows of 256 tokens of Persuasion stays within 60% of the base model's (measured:
-    49.98 vs 33.67, x1.48, for this 4x64-token calibration; a broken grid or packing gives hundreds)."""
+    """Perplexity on 2 windows of 256 tokens of Persuasion stays within 50% of the base model's (measured:
+    44.31 vs 33.67, x1.32, for this 4x64-token calibration; a broken grid or packing gives hundreds)."""
     from compressor.evaluate import evaluate
 
     base = evaluate("demo", [persuasion], max_tokens=512, seq_len=256, device="cpu")
@@ -61,7 +61,7 @@ def test_quality_of_w4_artifact(demo_w4_artifact, demo_path, persuasion):
     assert art["windows"] == 2 and art["tokens"] == 512
     assert art["kl_to_base"] > 0
     ratio = art["perplexity"] / base["perplexity"]
-    assert ratio < 1.6, f"ppl {art['perplexity']:.3f} vs base {base['perplexity']:.3f}"
+    assert ratio < 1.5, f"ppl {art['perplexity']:.3f} vs base {base['perplexity']:.3f}"
 
 
 def test_deterministic_artifact(tmp_path, tiny_llama):
