@@ -89,7 +89,6 @@ class BlockIO:
                 except _Stop:
                     pass
         finally:
-            done.clear()
             for h in handles:
                 h.remove()
         return acc

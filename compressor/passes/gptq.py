@@ -53,7 +53,8 @@ def gptq_quantize(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    w0, h0 = w.clone(), h.clone()  # the problem in natural column order, for the scale refit
+    w0, h0 = w, h  # the problem in natural column order, for the scale refit (the permuted copies below
+    # are new tensors, so these stay as they are)
     g = k if group_size == -1 else group_size
 
     static = act_order or group_size == -1
@@ -82,7 +83,7 @@ def gptq_quantize(
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     q = q[:, torch.argsort(perm)]
     if refit:
-        scale = refit_scales(w0, h0, q, scale, zero, g if group_size != -1 else -1)
+        scale = refit_scales(w0, h0, q, scale, zero, group_size)
     return QWeight(q, scale, zero, bits, group_size, group_size)
 
 
