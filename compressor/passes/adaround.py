@@ -67,7 +67,7 @@ class AdaRoundWeight(nn.Module):
         self.qmin, self.qmax = qrange(bits)
         self.scale, self.zero = scale, zero  # (N, G) as stored
         self.register_buffer("s", expand_groups(scale.float(), k))
-        self.register_buffer("z", expand_groups(torch.zeros(n, 1) if zero is None else zero.float(), k))
+        self.register_buffer("z", expand_groups(torch.zeros(n, 1, device=w.device) if zero is None else zero.float(), k))
         x = w.float() / self.s
         self.register_buffer("floor", torch.floor(x))
         self.v = nn.Parameter(init_v(x - self.floor))
@@ -95,8 +95,8 @@ def adaround(block: nn.Module, io: "BlockIO", cfg: AdaRoundConfig, ctx: "Context
     for name, lin in io.layers.items():
         g = layer_group_size(name, lin.in_features, cfg, ctx)
         w = lin.weight.data.float()
-        scale, zero = find_qparams(w.cpu(), cfg.bits, g, cfg.symmetric, cfg.torch_scale_dtype, mse=cfg.mse)
-        quants[name] = AdaRoundWeight(w, scale, zero, cfg.bits, g).to(w.device)
+        scale, zero = find_qparams(w, cfg.bits, g, cfg.symmetric, cfg.torch_scale_dtype, mse=cfg.mse)
+        quants[name] = AdaRoundWeight(w, scale, zero, cfg.bits, g)
     count = sum(q.v.numel() for q in quants.values())
 
     def regularizer(step: int) -> Tensor | None:

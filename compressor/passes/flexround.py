@@ -43,10 +43,10 @@ class FlexRoundWeight(nn.Module):
         self.qmin, self.qmax = qrange(bits)
         self.zero = zero
         self.register_buffer("w", w.float())
-        self.register_buffer("z", expand_groups(torch.zeros(n, 1) if zero is None else zero.float(), k))
+        self.register_buffer("z", expand_groups(torch.zeros(n, 1, device=w.device) if zero is None else zero.float(), k))
         self.log_s1 = nn.Parameter(scale.float().log())  # (N, G)
-        self.log_s2 = nn.Parameter(torch.zeros(n, k))
-        self.log_s3 = nn.Parameter(torch.zeros(n, 1))
+        self.log_s2 = nn.Parameter(torch.zeros(n, k, device=w.device))
+        self.log_s3 = nn.Parameter(torch.zeros(n, 1, device=w.device))
 
     def _s1(self) -> Tensor:
         """s1 as stored (rounded to the scale dtype), with the gradient of the unrounded value."""
@@ -77,8 +77,8 @@ def flexround(block: nn.Module, io: "BlockIO", cfg: FlexRoundConfig, ctx: "Conte
     for name, lin in io.layers.items():
         g = layer_group_size(name, lin.in_features, cfg, ctx)
         w = lin.weight.data.float()
-        scale, zero = find_qparams(w.cpu(), cfg.bits, g, cfg.symmetric, cfg.torch_scale_dtype, mse=cfg.mse)
-        quants[name] = FlexRoundWeight(w, scale, zero, cfg.bits, g, cfg.torch_scale_dtype).to(w.device)
+        scale, zero = find_qparams(w, cfg.bits, g, cfg.symmetric, cfg.torch_scale_dtype, mse=cfg.mse)
+        quants[name] = FlexRoundWeight(w, scale, zero, cfg.bits, g, cfg.torch_scale_dtype)
     stats = reconstruct(block, io, quants, ctx, cfg.iters, cfg.lr, cfg.batch_samples, lr_decay=True)
     ctx.log(f"flexround {io.prefix}: block output rel. error (soft) {stats['loss_first']:.3g} -> {stats['loss_last']:.3g}")
     out = {}
