@@ -107,7 +107,8 @@ def adaround(block: nn.Module, io: "BlockIO", cfg: AdaRoundConfig, ctx: "Context
 
     stats = reconstruct(block, io, quants, ctx, cfg.iters, cfg.lr, cfg.batch_samples, lr_decay=False,
                 regularizer=regularizer)
-    ctx.log(f"adaround {io.prefix}: block output rel. error (soft) {stats['loss_first']:.3g} -> {stats['loss_last']:.3g}")
+    ctx.log(f"adaround {io.prefix}: block output rel. error (hard-rounded, first batch) {stats['before']:.3g} at the "
+            f"start -> {stats['after']:.3g}")
     out = {}
     for name, q in quants.items():
         qw = q.hard()

@@ -80,7 +80,8 @@ def flexround(block: nn.Module, io: "BlockIO", cfg: FlexRoundConfig, ctx: "Conte
         scale, zero = find_qparams(w, cfg.bits, g, cfg.symmetric, cfg.torch_scale_dtype, mse=cfg.mse)
         quants[name] = FlexRoundWeight(w, scale, zero, cfg.bits, g, cfg.torch_scale_dtype)
     stats = reconstruct(block, io, quants, ctx, cfg.iters, cfg.lr, cfg.batch_samples, lr_decay=True)
-    ctx.log(f"flexround {io.prefix}: block output rel. error (soft) {stats['loss_first']:.3g} -> {stats['loss_last']:.3g}")
+    ctx.log(f"flexround {io.prefix}: block output rel. error (hard-rounded, first batch) {stats['before']:.3g} at the "
+            f"start -> {stats['after']:.3g}")
     out = {}
     for name, q in quants.items():
         qw = q.hard()

@@ -66,7 +66,8 @@ def reconstruct(
     its layers' weights replaced by the quantizers' outputs, maps io.inputs to io.targets. Loss: the
     relative squared error of the block output, sum (y - t)^2 / sum t^2 over the mini-batch, plus
     `regularizer(step)` when it returns a tensor. `lr_decay`: cosine decay of the learning rate to 0.
-    The block's own parameters are not changed. Returns the mean loss of the first and last 10% of steps."""
+    The block's own parameters are not changed. Returns the hard-rounded relative error on the first cached
+    batch before and after training ({"before", "after"}; single windows differ too much to compare)."""
     if io.targets is None:
         raise RuntimeError("block reconstruction needs the FP targets; register the pass with needs_targets=True")
     local = {name: name[len(io.prefix) + 1 :] + ".weight" for name in quantizers}
@@ -79,8 +80,7 @@ def reconstruct(
     frozen = [(p, p.requires_grad) for p in block.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
-    window = max(1, iters // 10)
-    first = last = 0.0
+    before = _hard_error(block, io, quantizers, local, dtypes, ctx.device)
     try:
         for step in range(iters):
             x, t, kw = _minibatch(io, sizes, batch_samples, gen, ctx.device)
@@ -88,10 +88,6 @@ def reconstruct(
             y = functional_call(block, weights, (x,), kw)
             y = y[0] if isinstance(y, (tuple, list)) else y
             loss = (y.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-30)
-            if step < window:
-                first += loss.item() / window
-            if step >= iters - window:
-                last += loss.item() / window
             reg = regularizer(step)
             if reg is not None:
                 loss = loss + reg
@@ -103,7 +99,21 @@ def reconstruct(
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
-    return {"loss_first": first, "loss_last": last}
+    return {"before": before, "after": _hard_error(block, io, quantizers, local, dtypes, ctx.device)}
+
+
+@torch.no_grad()
+def _hard_error(block: nn.Module, io: "BlockIO", quantizers: dict[str, nn.Module], local: dict[str, str],
+                dtypes: dict[str, torch.dtype], device: torch.device) -> float:
+    """sum (y - t)^2 / sum t^2 on the first cached batch, with every quantizer rounded hard."""
+    from ..runner import to_device
+
+    weights = {local[n]: q.hard().dequantize(dtypes[n]).to(device) for n, q in quantizers.items()}
+    kw = {k: to_device(v, device) for k, v in io.kwargs[0].items()}
+    y = functional_call(block, weights, (io.inputs[0].to(device),), kw)
+    y = (y[0] if isinstance(y, (tuple, list)) else y).float()
+    t = io.targets[0].to(device).float()  # type: ignore[index]
+    return float((y - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30))
 
 
 def _minibatch(io: "BlockIO", sizes: Tensor, n: int, gen: torch.Generator, device: torch.device):
