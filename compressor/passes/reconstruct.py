@@ -27,13 +27,19 @@ if TYPE_CHECKING:
     from ..runner import BlockIO, Context
 
 
+BATCH_TOKENS = 512  # tokens per training step when batch_samples is not set
+
+
 class ReconConfig(QuantConfig):
     """Settings shared by the block-reconstruction passes."""
 
     mse: bool = Field(True, description="initial grid from the clipping search (min/max when false)")
     iters: int = Field(500, ge=1, description="optimizer steps per block")
     lr: float = Field(1e-3, gt=0)
-    batch_samples: int = Field(1, ge=1, description="calibration windows per step")
+    # Tokens per step matter more than windows: MiniLM (windows of 128) at one window a step ended below GPTQ
+    # (embedding cosine 0.977 vs 0.980), at 4 and 8 windows above it (0.9854, 0.9865).
+    batch_samples: int | None = Field(None, ge=1, description="calibration windows per step; default: enough "
+                                      f"windows for {BATCH_TOKENS} tokens")
 
 
 def round_ste(x: Tensor) -> Tensor:
@@ -58,7 +64,7 @@ def reconstruct(
     ctx: "Context",
     iters: int,
     lr: float,
-    batch_samples: int,
+    batch_samples: int | None,
     lr_decay: bool,
     regularizer: Callable[[int], Tensor | None] = lambda step: None,
 ) -> dict[str, float]:
@@ -77,6 +83,8 @@ def reconstruct(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, iters, 1.0, 0.0)) if lr_decay else None
     gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + zlib.crc32(io.prefix.encode()))
     sizes = torch.tensor([x.shape[0] for x in io.inputs], dtype=torch.float)
+    if batch_samples is None:
+        batch_samples = max(1, -(-BATCH_TOKENS // io.inputs[0].shape[1]))
     frozen = [(p, p.requires_grad) for p in block.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
