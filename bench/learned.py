@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from quality import DATA, run, stored_bits_per_weight  # noqa: E402
+from quality import DATA, run, stored_bits_per_weight, write_record  # noqa: E402
 
 ROWS = {"w4-ch": (4, -1), "w3-g64": (3, 64), "minilm-w4-ch": (4, -1), "w4-g64": (4, 64), "w2-g64": (2, 64)}
 METHODS = {"rtn": {"mse": False}, "gptq": {"mse": True, "refit_scales": True}, "adaround": {}, "flexround": {}}
@@ -80,24 +80,23 @@ def main() -> None:
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
-    models = {"decoder": ("demo", 512), "encoder": (str(minilm_path()) if "minilm-w4-ch" in a.rows else "", 128)}
-
-    for kind, (model, seq_len) in models.items():
-        if not model:
+    rows = a.rows.split(",")
+    kinds = {"encoder" if r.startswith("minilm") else "decoder" for r in rows}
+    models = {"decoder": ("demo", 512)}
+    if "encoder" in kinds:
+        models["encoder"] = (str(minilm_path()), 128)
+    for kind in ("decoder", "encoder"):  # the base rows; the encoder's base is compared with itself
+        if kind not in kinds:
             continue
-        if kind == "encoder" and not any(r.startswith("minilm") for r in a.rows.split(",")):
-            continue
-        if kind == "decoder" and not any(not r.startswith("minilm") for r in a.rows.split(",")):
-            continue
+        model, seq_len = models[kind]
         base = evaluate(model, None if kind == "decoder" else model, seq_len, a.eval_tokens, a.work / f"base-{kind}.log")
-        results.append({"row": f"{kind} base", "method": "fp32", "bits_per_weight": 32.0, "perplexity": base.get("perplexity"),
-                        "kl_to_base": 0.0 if kind == "decoder" else None,
+        results.append({"row": f"{kind} base", "method": "fp32", "bits_per_weight": 32.0,
+                        "perplexity": base.get("perplexity"), "kl_to_base": 0.0 if kind == "decoder" else None,
                         "cosine_similarity": 1.0 if kind == "encoder" else None, "compress_seconds": None})
 
-    for row in a.rows.split(","):
+    for row in rows:
         bits, g = ROWS[row]
-        encoder = row.startswith("minilm")
-        model, seq_len = models["encoder" if encoder else "decoder"]
+        model, seq_len = models["encoder" if row.startswith("minilm") else "decoder"]
         for method in a.methods.split(","):
             recipe = recipe_yaml(method, bits, g, a.samples, seq_len)
             name = f"{row}-{method}-{hashlib.sha256((model + recipe).encode()).hexdigest()[:8]}"
@@ -129,8 +128,6 @@ def write_results(a: argparse.Namespace, results: list[dict]) -> None:
         "machine": {"nproc": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
         "results": results,
     }
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "learned.json").write_text(json.dumps(record, indent=2) + "\n")
 
     def f(x, fmt):
         return "" if x is None else format(x, fmt)
@@ -144,8 +141,7 @@ def write_results(a: argparse.Namespace, results: list[dict]) -> None:
           f"{a.samples} windows of emma.txt + mansfieldpark.txt (512 tokens decoder, 128 encoder; seed 0); evaluation "
           f"persuasion.txt, the first {a.eval_tokens} tokens (windows of 512 decoder, 128 encoder). All asymmetric.\n"
           f"Command: `python bench/learned.py`\n\n" + "\n".join(lines) + "\n")
-    (a.out / "learned.md").write_text(md)
-    print(md, flush=True)
+    write_record(a.out, "learned", record, md)
 
 
 if __name__ == "__main__":

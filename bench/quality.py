@@ -158,8 +158,6 @@ def write_results(a: argparse.Namespace, cal_info: dict, ev: torch.Tensor, resul
                     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
         "results": results,
     }
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "quality.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = ["| config | tool | method | bits/weight | perplexity | KL to base | compress s |", "|---|---|---|---|---|---|---|"]
     for r in results:
         secs = "" if r["compress_seconds"] is None else f"{r['compress_seconds']:.0f}"
@@ -168,7 +166,14 @@ def write_results(a: argparse.Namespace, cal_info: dict, ev: torch.Tensor, resul
     md = (f"# Quality vs size: compressor vs llm-compressor\n\n{record['model']}; calibration {a.samples}x{a.seq_len} tokens "
           f"of emma.txt (seed 0); evaluation {ev.numel()} tokens of persuasion.txt in windows of 512.\n"
           f"Command: `python bench/quality.py`\n\n" + "\n".join(lines) + "\n")
-    (a.out / "quality.md").write_text(md)
+    write_record(a.out, "quality", record, md)
+
+
+def write_record(out: Path, stem: str, record: dict, md: str) -> None:
+    """A benchmark's results: STEM.json (the record) and STEM.md (the table) under `out`, and the table printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(md)
     print(md, flush=True)
 
 

@@ -139,6 +139,13 @@ def run_on_block_device(block: nn.Module, x: Tensor, kw: dict[str, Any]) -> Any:
     return block(x.to(dev), **{k: to_device(v, dev) for k, v in kw.items()})
 
 
+def rel_sq_err(ys: list[Tensor], ts: list[Tensor]) -> float:
+    """sum (y - t)^2 / sum t^2 over batches of block outputs (in float32)."""
+    num = sum(float((y.float() - t.float()).pow(2).sum()) for y, t in zip(ys, ts))
+    den = sum(float(t.float().pow(2).sum()) for t in ts)
+    return num / max(den, 1e-30)
+
+
 def _slice_kwargs(kw: dict[str, Any], batch: int, rows: Any = slice(0, 1)) -> dict[str, Any]:
     """Keyword arguments for some samples of a batch (`rows`: a slice or index tensor; default the first):
     tensors with a batch dimension are cut, broadcast ones (batch 1) and the rest pass through."""
@@ -275,9 +282,7 @@ def run_blocks(
         out_err = None
         if needs_data:
             q_out = io.forward(block)
-            num = sum(float((a - b).pow(2).sum()) for a, b in zip(q_out, fp_out))
-            den = sum(float(b.pow(2).sum()) for b in fp_out)
-            out_err = num / max(den, 1e-30)
+            out_err = rel_sq_err(q_out, fp_out)
             inputs = q_out
             if needs_targets:
                 fp_inputs = io.targets

@@ -66,3 +66,43 @@ def demo_w4_artifact(tmp_path_factory, demo_path) -> Path:
     assert r.returncode == 0, r.stderr[-3000:]
     json.loads(r.stdout)
     return out
+
+
+def demo_block(demo_path: Path, index: int, windows: int, seq_len: int, batch: int):
+    """Block `index` of the demo model with its calibration data: inputs from the FP blocks before it
+    (`windows` windows of `seq_len` tokens of Emma, seed 0, cached in batches of `batch`) and, as targets, the
+    FP block's outputs. Returns (block, io); io.layers is empty (block_error_of_pass fills it)."""
+    from compressor.api import load_tokenizer
+    from compressor.data import DEFAULT_CORPUS, calibration_windows, read_texts, tokenize
+    from compressor.models import Checkpoint, find_blocks, materialize, skeleton
+    from compressor.runner import BlockIO, capture_block_inputs
+
+    tokens = tokenize(load_tokenizer(demo_path), read_texts([DEFAULT_CORPUS[0]]))
+    ids = calibration_windows(tokens, windows, seq_len, seed=0)
+    model, ckpt = skeleton(demo_path), Checkpoint(demo_path)
+    prefix, blocks = find_blocks(model)
+    materialize(model, "", ckpt)
+    inputs, kwargs = capture_block_inputs(model, blocks[0], ids, batch, torch.device("cpu"))
+    io = BlockIO(f"{prefix}.0", inputs, kwargs, {})
+    for i in range(index):
+        io.inputs = io.forward(blocks[i])
+    io.prefix = f"{prefix}.{index}"
+    io.targets = io.forward(blocks[index])
+    return blocks[index], io
+
+
+def block_error_of_pass(block, io, name: str, **config) -> float:
+    """Run pass `name` (config keyword arguments) on every Linear of the block, then the block-output error
+    sum (y - t)^2 / sum t^2 against io.targets; the block's weights are restored afterwards."""
+    from compressor.passes import get_pass
+    from compressor.runner import Context, rel_sq_err
+
+    state = {k: v.clone() for k, v in block.state_dict().items()}
+    io.layers = {f"{io.prefix}.{n}": m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    info = get_pass(name)
+    try:
+        for lname, qw in info.fn(block, io, info.config(**config), Context()).items():
+            io.layers[lname].weight.data = qw.dequantize()
+        return rel_sq_err(io.forward(block), io.targets)
+    finally:
+        block.load_state_dict(state)

@@ -8,6 +8,8 @@ import torch
 from compressor.passes.gptq import gptq_quantize
 from compressor.quant import dequantize, quantize_rtn, refit_scales
 
+from conftest import block_error_of_pass, demo_block
+
 
 def correlated_inputs(n: int, k: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -53,36 +55,9 @@ def test_dead_inputs_get_zero_weight():
 def test_gptq_beats_rtn_on_a_real_block(demo_path):
     """Block 3 of SmolLM2-135M, calibrated on 4 windows of 128 tokens of Emma: block output error of the
     GPTQ pass is well below RTN's at W3 group 64."""
-    from compressor.api import load_tokenizer
-    from compressor.data import DEFAULT_CORPUS, calibration_windows, read_texts, tokenize
-    from compressor.models import Checkpoint, find_blocks, materialize, skeleton
-    from compressor.passes import get_pass
-    from compressor.runner import BlockIO, Context, capture_block_inputs
-
-    tokens = tokenize(load_tokenizer(demo_path), read_texts([DEFAULT_CORPUS[0]]))
-    windows = calibration_windows(tokens, 4, 128, seed=0)
-    model, ckpt = skeleton(demo_path), Checkpoint(demo_path)
-    prefix, blocks = find_blocks(model)
-    materialize(model, "", ckpt)
-    inputs, kwargs = capture_block_inputs(model, blocks[0], windows, 4, torch.device("cpu"))
-    ctx = Context()
-    io = BlockIO(f"{prefix}.0", inputs, kwargs, {})
-    for i in range(3):
-        io.inputs = io.forward(blocks[i])
-    block = blocks[3]
-    io.prefix = f"{prefix}.3"
-    fp_out = io.forward(block)
-    state = {k: v.clone() for k, v in block.state_dict().items()}
-    errs = {}
-    for name in ("rtn", "gptq"):
-        block.load_state_dict(state)
-        io.layers = {f"{prefix}.3.{n}": m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
-        info = get_pass(name)
-        cfg = info.config(bits=3, group_size=64, symmetric=False)
-        for lname, qw in info.fn(block, io, cfg, ctx).items():
-            io.layers[lname].weight.data = qw.dequantize()
-        out = io.forward(block)
-        errs[name] = sum(float((a - b).pow(2).sum()) for a, b in zip(out, fp_out)) / sum(float(b.pow(2).sum()) for b in fp_out)
+    block, io = demo_block(demo_path, 3, windows=4, seq_len=128, batch=4)
+    errs = {name: block_error_of_pass(block, io, name, bits=3, group_size=64, symmetric=False)
+            for name in ("rtn", "gptq")}
     assert errs["gptq"] < 0.6 * errs["rtn"], f"block output rel. MSE: {errs}"
 
 

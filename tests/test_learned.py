@@ -15,6 +15,7 @@ from compressor.passes.reconstruct import cosine, round_ste
 from compressor.quant import dequantize, find_qparams, quantize, quantize_rtn
 from compressor.runner import BlockIO, Context
 
+from conftest import block_error_of_pass, demo_block
 from test_gptq import correlated_inputs
 
 
@@ -148,34 +149,9 @@ def test_learned_rounding_on_a_real_block(demo_path):
     block-output error (hard rounding, against the FP model's output) of FlexRound is below GPTQ's, AdaRound's
     well below RTN's. Measured: rtn 4.98e-3, gptq 5.89e-4, adaround 1.18e-3, flexround 2.11e-4. (On this tiny
     calibration AdaRound does not reach GPTQ; on 8 windows of 256 tokens it does: 1.89e-3 vs 2.02e-3.)"""
-    from compressor.api import load_tokenizer
-    from compressor.data import DEFAULT_CORPUS, calibration_windows, read_texts, tokenize
-    from compressor.models import Checkpoint, find_blocks, materialize, skeleton
-    from compressor.runner import capture_block_inputs
-
-    tokens = tokenize(load_tokenizer(demo_path), read_texts([DEFAULT_CORPUS[0]]))
-    windows = calibration_windows(tokens, 4, 128, seed=0)
-    model, ckpt = skeleton(demo_path), Checkpoint(demo_path)
-    prefix, blocks = find_blocks(model)
-    materialize(model, "", ckpt)
-    inputs, kwargs = capture_block_inputs(model, blocks[0], windows, 2, torch.device("cpu"))
-    io = BlockIO(f"{prefix}.0", inputs, kwargs, {})
-    for i in range(3):
-        io.inputs = io.forward(blocks[i])
-    block = blocks[3]
-    io.prefix = f"{prefix}.3"
-    io.targets = io.forward(block)
-    state = {k: v.clone() for k, v in block.state_dict().items()}
-    errs = {}
-    for name, extra in {"rtn": {}, "gptq": {"mse": True}, "adaround": {}, "flexround": {}}.items():
-        block.load_state_dict(state)
-        io.layers = {f"{prefix}.3.{n}": m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-        info = get_pass(name)
-        cfg = info.config(bits=3, group_size=64, symmetric=False, **extra)
-        for lname, qw in info.fn(block, io, cfg, Context()).items():
-            io.layers[lname].weight.data = qw.dequantize()
-        out = io.forward(block)
-        errs[name] = sum(float((a - b).pow(2).sum()) for a, b in zip(out, io.targets)) / sum(
-            float(b.pow(2).sum()) for b in io.targets)
+    block, io = demo_block(demo_path, 3, windows=4, seq_len=128, batch=2)
+    settings = {"rtn": {}, "gptq": {"mse": True}, "adaround": {}, "flexround": {}}
+    errs = {name: block_error_of_pass(block, io, name, bits=3, group_size=64, symmetric=False, **extra)
+            for name, extra in settings.items()}
     assert errs["flexround"] < 0.75 * errs["gptq"] < errs["rtn"], errs
     assert errs["adaround"] < 0.4 * errs["rtn"], errs

@@ -15,9 +15,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..quant import QWeight, find_qparams, qrange
-from . import layer_group_size, register_pass
-from .reconstruct import ReconConfig, cosine, expand_groups, reconstruct
+from ..quant import QWeight
+from . import register_pass
+from .reconstruct import LearnedWeight, ReconConfig, cosine, expand_groups, learn_rounding
 
 if TYPE_CHECKING:
     from ..runner import BlockIO, Context
@@ -57,17 +57,13 @@ def beta_schedule(step: int, iters: int, warmup: float, start: float, end: float
     return cosine(step - warm, iters - warm, start, end)
 
 
-class AdaRoundWeight(nn.Module):
+class AdaRoundWeight(LearnedWeight):
     """A Linear weight with a fixed grid and a learned up/down choice per element."""
 
     def __init__(self, w: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int):
-        super().__init__()
-        n, k = w.shape
-        self.bits, self.group_size = bits, group_size
-        self.qmin, self.qmax = qrange(bits)
-        self.scale, self.zero = scale, zero  # (N, G) as stored
-        self.register_buffer("s", expand_groups(scale.float(), k))
-        self.register_buffer("z", expand_groups(torch.zeros(n, 1, device=w.device) if zero is None else zero.float(), k))
+        super().__init__(w, zero, bits, group_size)
+        self.scale = scale  # (N, G) as stored
+        self.register_buffer("s", expand_groups(scale.float(), w.shape[1]))
         x = w.float() / self.s
         self.register_buffer("floor", torch.floor(x))
         self.v = nn.Parameter(init_v(x - self.floor))
@@ -83,35 +79,23 @@ class AdaRoundWeight(nn.Module):
 
     @torch.no_grad()
     def hard(self) -> QWeight:
-        q = torch.clamp(self.floor + (self.v >= 0).float() + self.z, self.qmin, self.qmax).to(torch.int8)
-        return QWeight(q.cpu(), self.scale.cpu(), None if self.zero is None else self.zero.cpu(), self.bits,
-                       self.group_size, self.group_size)
+        return self._qweight(torch.clamp(self.floor + (self.v >= 0).float() + self.z, self.qmin, self.qmax), self.scale)
 
 
 @register_pass("adaround", AdaRoundConfig, needs_targets=True)
 def adaround(block: nn.Module, io: "BlockIO", cfg: AdaRoundConfig, ctx: "Context") -> dict[str, QWeight]:
     """AdaRound: learned up/down rounding on a fixed grid, by block-output reconstruction."""
-    quants: dict[str, AdaRoundWeight] = {}
-    for name, lin in io.layers.items():
-        g = layer_group_size(name, lin.in_features, cfg, ctx)
-        w = lin.weight.data.float()
-        scale, zero = find_qparams(w, cfg.bits, g, cfg.symmetric, cfg.torch_scale_dtype, mse=cfg.mse)
-        quants[name] = AdaRoundWeight(w, scale, zero, cfg.bits, g)
-    count = sum(q.v.numel() for q in quants.values())
 
-    def regularizer(step: int) -> Tensor | None:
-        beta = beta_schedule(step, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
-        if beta is None or cfg.reg_weight == 0:
-            return None
-        return cfg.reg_weight * sum(q.regularizer_sum(beta) for q in quants.values()) / count
+    def regularizer_for(quants: dict[str, LearnedWeight]):
+        count = sum(q.v.numel() for q in quants.values())
 
-    stats = reconstruct(block, io, quants, ctx, cfg.iters, cfg.lr, cfg.batch_samples, lr_decay=False,
-                regularizer=regularizer)
-    ctx.log(f"adaround {io.prefix}: block output rel. error (hard-rounded, first batch) {stats['before']:.3g} at the "
-            f"start -> {stats['after']:.3g}")
-    out = {}
-    for name, q in quants.items():
-        qw = q.hard()
-        qw.requested_group_size = cfg.group_size
-        out[name] = qw
-    return out
+        def regularizer(step: int) -> Tensor | None:
+            beta = beta_schedule(step, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
+            if beta is None or cfg.reg_weight == 0:
+                return None
+            return cfg.reg_weight * sum(q.regularizer_sum(beta) for q in quants.values()) / count
+
+        return regularizer
+
+    return learn_rounding("adaround", block, io, cfg, ctx, lambda w, s, z, g: AdaRoundWeight(w, s, z, cfg.bits, g),
+                          lr_decay=False, regularizer_for=regularizer_for)

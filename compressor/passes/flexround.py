@@ -16,9 +16,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..quant import QWeight, find_qparams, qrange
-from . import layer_group_size, register_pass
-from .reconstruct import ReconConfig, expand_groups, reconstruct, round_ste
+from ..quant import QWeight
+from . import register_pass
+from .reconstruct import LearnedWeight, ReconConfig, expand_groups, learn_rounding, round_ste
 
 if TYPE_CHECKING:
     from ..runner import BlockIO, Context
@@ -32,18 +32,15 @@ class FlexRoundConfig(ReconConfig):
     lr: float = Field(1e-2, gt=0, description="Adam on log s1, log S2, log s3, cosine decay to 0")
 
 
-class FlexRoundWeight(nn.Module):
+class FlexRoundWeight(LearnedWeight):
     """A Linear weight quantized by element-wise division with learned s1, S2, s3."""
 
     def __init__(self, w: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int,
                  scale_dtype: torch.dtype):
-        super().__init__()
+        super().__init__(w, zero, bits, group_size)
         n, k = w.shape
-        self.bits, self.group_size, self.scale_dtype = bits, group_size, scale_dtype
-        self.qmin, self.qmax = qrange(bits)
-        self.zero = zero
+        self.scale_dtype = scale_dtype
         self.register_buffer("w", w.float())
-        self.register_buffer("z", expand_groups(torch.zeros(n, 1, device=w.device) if zero is None else zero.float(), k))
         self.log_s1 = nn.Parameter(scale.float().log())  # (N, G)
         self.log_s2 = nn.Parameter(torch.zeros(n, k, device=w.device))
         self.log_s3 = nn.Parameter(torch.zeros(n, 1, device=w.device))
@@ -64,27 +61,12 @@ class FlexRoundWeight(nn.Module):
 
     @torch.no_grad()
     def hard(self) -> QWeight:
-        scale = self.log_s1.exp().to(self.scale_dtype)
-        q = self._codes(torch.round).to(torch.int8)
-        return QWeight(q.cpu(), scale.cpu(), None if self.zero is None else self.zero.cpu(), self.bits,
-                       self.group_size, self.group_size)
+        return self._qweight(self._codes(torch.round), self.log_s1.exp().to(self.scale_dtype))
 
 
 @register_pass("flexround", FlexRoundConfig, needs_targets=True)
 def flexround(block: nn.Module, io: "BlockIO", cfg: FlexRoundConfig, ctx: "Context") -> dict[str, QWeight]:
     """FlexRound: learned element-wise division before rounding, by block-output reconstruction."""
-    quants: dict[str, FlexRoundWeight] = {}
-    for name, lin in io.layers.items():
-        g = layer_group_size(name, lin.in_features, cfg, ctx)
-        w = lin.weight.data.float()
-        scale, zero = find_qparams(w, cfg.bits, g, cfg.symmetric, cfg.torch_scale_dtype, mse=cfg.mse)
-        quants[name] = FlexRoundWeight(w, scale, zero, cfg.bits, g, cfg.torch_scale_dtype)
-    stats = reconstruct(block, io, quants, ctx, cfg.iters, cfg.lr, cfg.batch_samples, lr_decay=True)
-    ctx.log(f"flexround {io.prefix}: block output rel. error (hard-rounded, first batch) {stats['before']:.3g} at the "
-            f"start -> {stats['after']:.3g}")
-    out = {}
-    for name, q in quants.items():
-        qw = q.hard()
-        qw.requested_group_size = cfg.group_size
-        out[name] = qw
-    return out
+    return learn_rounding("flexround", block, io, cfg, ctx,
+                          lambda w, s, z, g: FlexRoundWeight(w, s, z, cfg.bits, g, cfg.torch_scale_dtype),
+                          lr_decay=True)

@@ -21,7 +21,8 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from . import QuantConfig
+from ..quant import QWeight, find_qparams, qrange
+from . import QuantConfig, layer_group_size
 
 if TYPE_CHECKING:
     from ..runner import BlockIO, Context
@@ -57,23 +58,77 @@ def cosine(step: int, total: int, start: float, end: float) -> float:
     return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
+class LearnedWeight(nn.Module):
+    """Base of a learned quantizer of one Linear weight: forward() returns the weight it stands for
+    (differentiable in its parameters), hard() the final integer grid. Holds the grid's fixed parts: bits,
+    group size, code range, and the zero point (as stored, and expanded to the weight's shape as `z`)."""
+
+    def __init__(self, w: Tensor, zero: Tensor | None, bits: int, group_size: int):
+        super().__init__()
+        n, k = w.shape
+        self.bits, self.group_size = bits, group_size
+        self.qmin, self.qmax = qrange(bits)
+        self.zero = zero  # (N, G) int8 as stored, None when symmetric
+        z = torch.zeros(n, 1, device=w.device) if zero is None else zero.float()
+        self.register_buffer("z", expand_groups(z, k))
+
+    def hard(self) -> QWeight:
+        raise NotImplementedError
+
+    def _qweight(self, q: Tensor, scale: Tensor) -> QWeight:
+        """The QWeight of float codes `q` (already clamped) on `scale` and this quantizer's zero point."""
+        return QWeight(q.to(torch.int8).cpu(), scale.cpu(), None if self.zero is None else self.zero.cpu(), self.bits,
+                       self.group_size, self.group_size)
+
+
+def learn_rounding(
+    label: str,
+    block: nn.Module,
+    io: "BlockIO",
+    cfg: ReconConfig,
+    ctx: "Context",
+    make: Callable[[Tensor, Tensor, Tensor | None, int], LearnedWeight],
+    lr_decay: bool,
+    regularizer_for: Callable[[dict[str, LearnedWeight]], Callable[[int], Tensor | None]] | None = None,
+) -> dict[str, QWeight]:
+    """A learned-rounding pass on one block: per layer the initial grid (min/max or MSE) and
+    `make(w, scale, zero, group_size)` its quantizer, then `reconstruct`, a log line with the hard-rounded
+    error before and after, and the final QWeights."""
+    quants: dict[str, LearnedWeight] = {}
+    for name, lin in io.layers.items():
+        g = layer_group_size(name, lin.in_features, cfg, ctx)
+        w = lin.weight.data.float()
+        scale, zero = find_qparams(w, cfg.bits, g, cfg.symmetric, cfg.torch_scale_dtype, mse=cfg.mse)
+        quants[name] = make(w, scale, zero, g)
+    regularizer = regularizer_for(quants) if regularizer_for is not None else None
+    out, stats = reconstruct(block, io, quants, ctx, cfg.iters, cfg.lr, cfg.batch_samples, lr_decay, regularizer)
+    ctx.log(f"{label} {io.prefix}: block output rel. error (hard-rounded, first batch) {stats['before']:.3g} at the "
+            f"start -> {stats['after']:.3g}")
+    for qw in out.values():
+        qw.requested_group_size = cfg.group_size
+    return out
+
+
 def reconstruct(
     block: nn.Module,
     io: "BlockIO",
-    quantizers: dict[str, nn.Module],
+    quantizers: dict[str, LearnedWeight],
     ctx: "Context",
     iters: int,
     lr: float,
     batch_samples: int | None,
     lr_decay: bool,
-    regularizer: Callable[[int], Tensor | None] = lambda step: None,
-) -> dict[str, float]:
+    regularizer: Callable[[int], Tensor | None] | None = None,
+) -> tuple[dict[str, QWeight], dict[str, float]]:
     """Train `quantizers` ({full layer name: learned quantizer of that Linear}) with Adam so that the block,
     its layers' weights replaced by the quantizers' outputs, maps io.inputs to io.targets. Loss: the
     relative squared error of the block output, sum (y - t)^2 / sum t^2 over the mini-batch, plus
     `regularizer(step)` when it returns a tensor. `lr_decay`: cosine decay of the learning rate to 0.
-    The block's own parameters are not changed. Returns the hard-rounded relative error on the first cached
-    batch before and after training ({"before", "after"}; single windows differ too much to compare)."""
+    The block's own parameters are not changed. Returns the hard-rounded QWeights and their relative error on
+    the first cached batch before and after training ({"before", "after"}; single windows differ too much
+    to compare)."""
+    from ..runner import _hidden  # runner imports the pass registry, so not at module level
+
     if io.targets is None:
         raise RuntimeError("block reconstruction needs the FP targets; register the pass with needs_targets=True")
     local = {name: name[len(io.prefix) + 1 :] + ".weight" for name in quantizers}
@@ -88,15 +143,14 @@ def reconstruct(
     frozen = [(p, p.requires_grad) for p in block.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
-    before = _hard_error(block, io, quantizers, local, dtypes, ctx.device)
+    before = _hard_error(block, io, _hard(quantizers), local, dtypes, ctx.device)
     try:
         for step in range(iters):
             x, t, kw = _minibatch(io, sizes, batch_samples, gen, ctx.device)
             weights = {local[n]: q().to(dtypes[n]) for n, q in quantizers.items()}
-            y = functional_call(block, weights, (x,), kw)
-            y = y[0] if isinstance(y, (tuple, list)) else y
-            loss = (y.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-30)
-            reg = regularizer(step)
+            y = _hidden(functional_call(block, weights, (x,), kw)).float()
+            loss = (y - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-30)
+            reg = None if regularizer is None else regularizer(step)
             if reg is not None:
                 loss = loss + reg
             opt.zero_grad(set_to_none=True)
@@ -107,21 +161,25 @@ def reconstruct(
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
-    return {"before": before, "after": _hard_error(block, io, quantizers, local, dtypes, ctx.device)}
+    out = _hard(quantizers)
+    return out, {"before": before, "after": _hard_error(block, io, out, local, dtypes, ctx.device)}
+
+
+def _hard(quantizers: dict[str, LearnedWeight]) -> dict[str, QWeight]:
+    with torch.no_grad():
+        return {n: q.hard() for n, q in quantizers.items()}
 
 
 @torch.no_grad()
-def _hard_error(block: nn.Module, io: "BlockIO", quantizers: dict[str, nn.Module], local: dict[str, str],
+def _hard_error(block: nn.Module, io: "BlockIO", qweights: dict[str, QWeight], local: dict[str, str],
                 dtypes: dict[str, torch.dtype], device: torch.device) -> float:
-    """sum (y - t)^2 / sum t^2 on the first cached batch, with every quantizer rounded hard."""
-    from ..runner import to_device
+    """sum (y - t)^2 / sum t^2 on the first cached batch, with the block's layers set to `qweights`."""
+    from ..runner import _hidden, rel_sq_err, to_device
 
-    weights = {local[n]: q.hard().dequantize(dtypes[n]).to(device) for n, q in quantizers.items()}
+    weights = {local[n]: qw.dequantize(dtypes[n]).to(device) for n, qw in qweights.items()}
     kw = {k: to_device(v, device) for k, v in io.kwargs[0].items()}
-    y = functional_call(block, weights, (io.inputs[0].to(device),), kw)
-    y = (y[0] if isinstance(y, (tuple, list)) else y).float()
-    t = io.targets[0].to(device).float()  # type: ignore[index]
-    return float((y - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30))
+    y = _hidden(functional_call(block, weights, (io.inputs[0].to(device),), kw))
+    return rel_sq_err([y], [io.targets[0].to(device)])  # type: ignore[index]
 
 
 def _minibatch(io: "BlockIO", sizes: Tensor, n: int, gen: torch.Generator, device: torch.device):
