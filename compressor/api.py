@@ -38,6 +38,22 @@ def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(path)
 
 
+def _prepare(model: str, recipe: str | Path, calib, samples, seq_len, seed, device: str, log: Callable[[str], None],
+             allow_pickle: bool = False, trust_remote_code: bool = False):
+    """What a run needs before its blocks: (recipe, device, model source, calibration windows, their info);
+    seeds torch with the calibration seed."""
+    rec = load_recipe(recipe).with_calibration(samples=samples, seq_len=seq_len, seed=seed)
+    dev = pick_device(device)
+    src = resolve_model(model, allow_pickle, trust_remote_code)
+    if src.is_compressed:
+        raise BadInput(f"model {model} is already compressed (compressed-tensors); give the uncompressed checkpoint")
+    cal = rec.calibration
+    windows, cal_info = load_windows(load_tokenizer(src.path), calib, cal.samples, cal.seq_len, cal.seed)
+    log(f"calibration: {cal_info['source']}: {cal.samples} windows of {cal.seq_len} tokens, seed {cal.seed}")
+    torch.manual_seed(cal.seed)
+    return rec, dev, src, windows, cal_info
+
+
 def compress(
     model: str = "demo",
     recipe: str | Path = "w4-gptq",
@@ -57,15 +73,9 @@ def compress(
     t0 = time.perf_counter()
     out = Path(out)
     check_output(out, force)
-    rec = load_recipe(recipe).with_calibration(samples=samples, seq_len=seq_len, seed=seed)
-    dev = pick_device(device)
-    src = resolve_model(model, allow_pickle, trust_remote_code)
-    if src.is_compressed:
-        raise BadInput(f"model {model} is already compressed (compressed-tensors); give the uncompressed checkpoint")
+    rec, dev, src, windows, cal_info = _prepare(model, recipe, calib, samples, seq_len, seed, device, log,
+                                                allow_pickle, trust_remote_code)
     cal = rec.calibration
-    windows, cal_info = load_windows(load_tokenizer(src.path), calib, cal.samples, cal.seq_len, cal.seed)
-    log(f"calibration: {cal_info['source']}: {cal.samples} windows of {cal.seq_len} tokens, seed {cal.seed}")
-    torch.manual_seed(cal.seed)
     skel = skeleton(src.path, trust_remote_code)
     ckpt = Checkpoint(src.path)
     blocks_prefix, blocks = find_blocks(skel)
@@ -83,12 +93,16 @@ def compress(
                     "bits_per_weight": round(qw.storage_bits() / (n * k), 4),
                     "weight_rel_err": round(res.layer_err[name], 6),
                 }
+                if qw.sparse is not None:  # our extension: a CSR float16 residual (DESIGN.md section 4)
+                    layers[name]["sparse"] = {"format": "csr-float16", "nnz": qw.sparse.nnz,
+                                              "fraction": round(qw.sparse.nnz / (n * k), 6),
+                                              "bits_per_weight": round(qw.sparse.storage_bits((n, k)) / (n * k), 4)}
             if res.out_rel_err is not None:
                 block_errs[prefix] = res.out_rel_err
             if on_block:
                 on_block(i, len(blocks), prefix, res)
 
-        run_blocks(skel, ckpt, rec, windows, ctx, done)
+        rec = run_blocks(skel, ckpt, rec, windows, ctx, done)  # with the plans' assignments
         blocks_key_prefix = checkpoint_key_prefix(skel, ckpt, blocks_prefix)
         writer.add_part({k: ckpt.get(k) for k in ckpt.keys() if not k.startswith(blocks_key_prefix)})
         writer.join_parts()
@@ -114,6 +128,7 @@ def compress(
             "bits_per_weight": round(qbits / max(qparams, 1), 4),
             "quantized_params": qparams,
             "layers": layers,
+            "extensions": (["sparse_residual"] if any("sparse" in v for v in layers.values()) else []),
             "metrics": {"block_output_rel_mse": {k: round(v, 8) for k, v in block_errs.items()}},
             "warnings": ctx.warnings,
         }
@@ -183,7 +198,9 @@ def load_compressed(src: ModelSource, device: torch.device, dtype: torch.dtype) 
         key = checkpoint_key(model, ckpt, f"{name}.weight_scale")
         if key is None:
             raise BadInput(f"{src.path}: no weight_scale for quantized layer {name}")
-        q = QuantLinear(lin.in_features, lin.out_features, bits, g, sym, lin.bias is not None, ckpt.get(key).dtype)
+        sparse_key = checkpoint_key(model, ckpt, f"{name}.weight_sparse_values")
+        nnz = 0 if sparse_key is None else ckpt.get(sparse_key).numel()
+        q = QuantLinear(lin.in_features, lin.out_features, bits, g, sym, lin.bias is not None, ckpt.get(key).dtype, nnz)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
     materialize(model, "", ckpt, device, dtype)
@@ -315,3 +332,59 @@ def generate(target: str, prompt: str, max_new_tokens: int = 64, device: str = "
             "new_tokens": int(new.numel()), "seconds": round(secs, 4),
             "tokens_per_second": round(new.numel() / secs, 2), "device": str(dev), "dtype": str(dt).removeprefix("torch."),
             "kernels": kernels}
+
+
+def quantize_in_memory(model: str, recipe: str | Path, calib: list[str | Path] | None, samples: int | None,
+                       seq_len: int | None, seed: int | None, device: str = "auto",
+                       log: Callable[[str], None] = lambda msg: None):
+    """Run a recipe without writing an artifact: (ModelSource, the calibration windows, {layer: QWeight})."""
+    rec, dev, src, windows, _ = _prepare(model, recipe, calib, samples, seq_len, seed, device, log)
+    cal = rec.calibration
+    skel, ckpt = skeleton(src.path), Checkpoint(src.path)
+    qweights: dict[str, Any] = {}
+    run_blocks(skel, ckpt, rec, windows, Context(device=dev, seed=cal.seed, log=log),
+               lambda i, prefix, res: qweights.update(res.qweights))
+    return src, windows, qweights
+
+
+def sensitivity(model: str = "demo", recipe: str | Path = "w3g64-rtn", calib: list[str | Path] | None = None,
+                samples: int = 8, seq_len: int = 512, seed: int = 0, intervals: list[int] = (4, 8, 16),
+                device: str = "auto", log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+    """`compress sensitivity`: how well each estimate predicts the loss change dF = F(w~) - F(w) that quantizing
+    the model with `recipe` causes, F the mean next-token NLL on the calibration windows: PQI at each number of
+    intervals, and the first- and second-order Taylor estimates at w (pqi.py)."""
+    from . import pqi
+
+    if not intervals or min(intervals) < 1:
+        raise BadInput(f"--intervals must be positive integers, got {list(intervals)}")
+    t0 = time.perf_counter()
+    src, windows, qweights = quantize_in_memory(model, recipe, calib, samples, seq_len, seed, device, log)
+    dev = pick_device(device)
+    net = load_dense(src, str(dev))
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    params = {n: net.get_submodule(n).weight for n in qweights}
+    for p in params.values():
+        p.requires_grad_(True)
+    w0 = {n: p.detach().clone() for n, p in params.items()}
+    dw = {n: qweights[n].dequantize().to(dev) - w0[n] for n in params}
+    f0 = pqi.loss(net, windows)
+    pqi.set_weights(params, w0, dw, 1.0)
+    f1 = pqi.loss(net, windows)
+    measured = f1 - f0
+    log(f"F(w) {f0:.5f}, F(w~) {f1:.5f}: dF {measured:.5f}")
+    first, second = pqi.taylor(net, params, w0, dw, windows)
+    log(f"Taylor: first order {first:.4g}, second order {second:.4g}")
+    rows = [{"estimate": "first-order Taylor", "predicted": first}, {"estimate": "second-order Taylor", "predicted": second}]
+    per_layer: dict[str, float] = {}
+    for n_int in intervals:
+        c = pqi.pqi(net, params, w0, dw, windows, n_int, tick=log)
+        rows.append({"estimate": f"PQI N={n_int}", "predicted": sum(float(v.sum()) for v in c.values())})
+        per_layer = {n: float(v.sum()) for n, v in c.items()}
+        log(f"PQI N={n_int}: {rows[-1]['predicted']:.5g}")
+    for r in rows:
+        r["ratio_to_measured"] = r["predicted"] / measured if measured else None
+    return {"model": model, "recipe": str(recipe), "loss_fp": f0, "loss_quantized": f1, "measured_dF": measured,
+            "estimates": rows, "pqi_per_layer": per_layer, "windows": int(windows.shape[0]),
+            "tokens": int(windows.numel()), "seed": seed, "seconds": round(time.perf_counter() - t0, 1)}

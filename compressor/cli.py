@@ -333,6 +333,47 @@ def generate_cmd(
                   f"({res['device']}, {res['dtype']}{kern})", highlight=False)
 
 
+@app.command("sensitivity")
+def sensitivity_cmd(
+    model: str = MODEL,
+    recipe: str = typer.Option("w3g64-rtn", "--recipe", help="the quantization whose loss change is predicted"),
+    calib: Optional[list[Path]] = CALIB,
+    samples: int = typer.Option(8, "--samples", help="calibration windows (the loss F and its gradients)"),
+    seq_len: int = typer.Option(512, "--seq-len"),
+    seed: int = typer.Option(0, "--seed"),
+    intervals: str = typer.Option("4,8,16", "--intervals", help="PQI interval counts N, comma-separated"),
+    device: str = DEVICE,
+    out: Optional[Path] = typer.Option(None, "--out", help="also write the JSON result to this file"),
+    as_json: bool = JSON,
+    quiet: bool = QUIET,
+) -> None:
+    """PQI against the measured loss change of a quantization, with first- and second-order Taylor beside it."""
+    from .api import sensitivity
+
+    _quiet(quiet)
+    with _guard():
+        try:
+            ns = [int(x) for x in intervals.split(",") if x.strip()]
+        except ValueError:
+            raise BadInput(f"--intervals {intervals!r}: expected comma-separated integers such as 4,8,16") from None
+        if out is not None and out.exists() and out.is_dir():
+            raise BadInput(f"--out {out} is a directory")
+        res = sensitivity(model, recipe, calib, samples, seq_len, seed, ns, device,
+                          log=lambda m: err.print(m, highlight=False))
+        if out is not None:
+            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(res, indent=2) + "\n")
+            os.replace(tmp, out)
+        if as_json:
+            sys.stdout.write(json.dumps(res) + "\n")
+            return
+        t = Table("estimate", "predicted dF", "/ measured", title=f"dF of {recipe} on {model}: measured "
+                  f"{res['measured_dF']:.5g} ({res['tokens']} tokens)")
+        for r in res["estimates"]:
+            t.add_row(r["estimate"], f"{r['predicted']:.5g}", f"{r['ratio_to_measured']:.3f}")
+        err.print(t)
+
+
 def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # a cancelled CI job (SIGTERM) cleans up like Ctrl-C: no half-written output
 

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .quant import col_index_bits
 
 
 class QuantLinear(nn.Module):
@@ -16,7 +17,7 @@ class QuantLinear(nn.Module):
     on first use on a device and kept (ops.KernelWeight; it shares the packed words when no padding is needed)."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool,
-                 bias: bool, scale_dtype: torch.dtype = torch.float16):
+                 bias: bool, scale_dtype: torch.dtype = torch.float16, sparse_nnz: int = 0):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
@@ -29,7 +30,14 @@ class QuantLinear(nn.Module):
         else:
             self.register_buffer("weight_zero_point", torch.zeros(math.ceil(out_features * bits / 32), groups, dtype=torch.int32))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.sparse_nnz = sparse_nnz
+        if sparse_nnz:  # a dense-and-sparse layer: the float16 CSR residual (quant.SparseResidual)
+            col = torch.int16 if col_index_bits(in_features) == 16 else torch.int32
+            self.register_buffer("weight_sparse_values", torch.zeros(sparse_nnz, dtype=torch.float16))
+            self.register_buffer("weight_sparse_col", torch.zeros(sparse_nnz, dtype=col))
+            self.register_buffer("weight_sparse_rowptr", torch.zeros(out_features + 1, dtype=torch.int32))
         self._kernel: tuple[tuple, ops.KernelWeight] | None = None
+        self._sparse: tuple[tuple, tuple[Tensor, Tensor, Tensor]] | None = None
 
     def kernel_weight(self) -> ops.KernelWeight:
         """The weight in the kernel layout, remade when the buffers moved or were replaced."""
@@ -41,11 +49,30 @@ class QuantLinear(nn.Module):
                 self.bits, self.group_size))
         return self._kernel[1]
 
+    def sparse_coo(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The residual as (rows, cols, values) on the buffers' device, or None for a plain layer."""
+        if not self.sparse_nnz:
+            return None
+        bufs = (self.weight_sparse_values, self.weight_sparse_col, self.weight_sparse_rowptr)
+        key = tuple((b.device, b.data_ptr(), b._version) for b in bufs)
+        if self._sparse is None or self._sparse[0] != key:
+            rowptr = self.weight_sparse_rowptr.long()
+            rows = torch.repeat_interleave(torch.arange(self.out_features, device=rowptr.device), rowptr.diff())
+            self._sparse = (key, (rows, self.weight_sparse_col.long(), self.weight_sparse_values))
+        return self._sparse[1]
+
     def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
-        return self.kernel_weight().dequantize(dtype)
+        w = self.kernel_weight().dequantize(dtype if not self.sparse_nnz else torch.float32)
+        coo = self.sparse_coo()
+        if coo is not None:
+            rows, cols, vals = coo
+            w = w.index_put((rows, cols), vals.float(), accumulate=True).to(dtype)
+        return w
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.linear(x, self.kernel_weight(), self.bias)
+        y = ops.linear(x, self.kernel_weight(), self.bias)
+        coo = self.sparse_coo()
+        return y if coo is None else ops.sparse_linear_add(y, x, *coo)
 
     def extra_repr(self) -> str:
         g = "channel" if self.group_size == -1 else f"group {self.group_size}"

@@ -212,6 +212,12 @@ def linear(x: Tensor, w: KernelWeight, bias: Tensor | None) -> Tensor:
     return y.reshape(*lead, w.n)
 
 
+def sparse_linear_add(y: Tensor, x: Tensor, rows: Tensor, cols: Tensor, values: Tensor) -> Tensor:
+    """y (..., N) + x (..., K) @ S^T for a sparse S given as (rows, cols, values): a gather of the inputs the
+    residual touches and a scatter-add into the outputs, without densifying S."""
+    return y.index_add(-1, rows, x[..., cols] * values.to(x.dtype))
+
+
 def dequantize_packed(packed: Tensor, scale: Tensor, zero_packed: Tensor | None, shape: tuple[int, int],
                       bits: int, group_size: int, dtype: torch.dtype) -> Tensor:
     """Pack-quantized tensors -> dense (N, K) weight of `dtype`."""

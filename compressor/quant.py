@@ -161,8 +161,62 @@ def refit_scales(
 
 
 @dataclass
+class SparseResidual:
+    """A sparse float16 correction added to a dense quantized weight (ReQuant's outliers and restored weights):
+    W = dequant(q) + S. Held as sorted flat indices (row * K + col) and values; stored as CSR (column indices
+    int16 when K fits, else int32, and int32 row pointers), which is what storage_bits counts."""
+
+    idx: Tensor  # (nnz,) int64, sorted, unique
+    values: Tensor  # (nnz,) float16
+
+    SUFFIXES = ("weight_sparse_values", "weight_sparse_col", "weight_sparse_rowptr")
+
+    @property
+    def nnz(self) -> int:
+        return int(self.idx.numel())
+
+    @staticmethod
+    def from_dense_mask(target: Tensor, dense: Tensor, mask: Tensor) -> "SparseResidual":
+        """The residual that makes dense + S equal `target` where `mask` is set (values rounded to float16)."""
+        idx = mask.reshape(-1).nonzero().squeeze(1)
+        vals = (target.float().reshape(-1)[idx] - dense.float().reshape(-1)[idx]).half()
+        return SparseResidual(idx, vals)
+
+    def add_to(self, w: Tensor) -> Tensor:
+        """w (N, K) + S, as a new tensor of w's dtype."""
+        out = w.clone().reshape(-1)
+        out.index_add_(0, self.idx.to(w.device), self.values.to(w.device, w.dtype))
+        return out.reshape(w.shape)
+
+    def storage_bits(self, shape: tuple[int, int]) -> int:
+        n, k = shape
+        return self.nnz * (16 + col_index_bits(k)) + (n + 1) * 32
+
+    def to_tensors(self, shape: tuple[int, int]) -> dict[str, Tensor]:
+        n, k = shape
+        rows, cols = self.idx // k, self.idx % k
+        rowptr = torch.zeros(n + 1, dtype=torch.int64)
+        rowptr[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
+        return {"weight_sparse_values": self.values.half().contiguous(),
+                "weight_sparse_col": cols.to(torch.int16 if col_index_bits(k) == 16 else torch.int32),
+                "weight_sparse_rowptr": rowptr.to(torch.int32)}
+
+    @staticmethod
+    def from_tensors(t: dict[str, Tensor], k: int) -> "SparseResidual":
+        rowptr = t["weight_sparse_rowptr"].long()
+        rows = torch.repeat_interleave(torch.arange(rowptr.numel() - 1), rowptr.diff())
+        return SparseResidual(rows * k + t["weight_sparse_col"].long(), t["weight_sparse_values"].half())
+
+
+def col_index_bits(k: int) -> int:
+    """Bits of a stored column index: int16 up to 32767 columns, else int32."""
+    return 16 if k <= 32767 else 32
+
+
+@dataclass
 class QWeight:
-    """A quantized Linear weight: int8 codes plus grid. group_size is the effective one (-1: per channel)."""
+    """A quantized Linear weight: int8 codes plus grid, and optionally a sparse float16 residual (dense-and-
+    sparse). group_size is the effective one (-1: per channel)."""
 
     q: Tensor  # (N, K) int8
     scale: Tensor  # (N, G)
@@ -170,6 +224,7 @@ class QWeight:
     bits: int
     group_size: int
     requested_group_size: int
+    sparse: SparseResidual | None = None
 
     @property
     def symmetric(self) -> bool:
@@ -179,19 +234,27 @@ class QWeight:
     def shape(self) -> tuple[int, int]:
         return tuple(self.q.shape)  # type: ignore[return-value]
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+    def dequantize_dense(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The integer grid's weight alone (without the sparse residual)."""
         return dequantize(self.q, self.scale, self.zero, self.group_size, dtype)
 
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        w = self.dequantize_dense(torch.float32 if self.sparse is not None else dtype)
+        return w if self.sparse is None else self.sparse.add_to(w).to(dtype)
+
     def storage_bits(self) -> int:
-        """Bits this weight takes on disk: packed codes, scales, packed zero points."""
+        """Bits this weight takes on disk: packed codes, scales, packed zero points, the sparse residual."""
         n, k = self.shape
         bits = n * math.ceil(k * self.bits / 32) * 32 + self.scale.numel() * self.scale.element_size() * 8
         if self.zero is not None:
             bits += math.ceil(n * self.bits / 32) * 32 * self.zero.shape[1]
+        if self.sparse is not None:
+            bits += self.sparse.storage_bits(self.shape)
         return bits
 
     def to_tensors(self) -> dict[str, Tensor]:
-        """The compressed-tensors pack-quantized tensors of this weight (names relative to the Linear)."""
+        """The compressed-tensors pack-quantized tensors of this weight (names relative to the Linear), and the
+        sparse residual's CSR tensors (our extension, DESIGN.md section 4) when there is one."""
         out = {
             "weight_packed": pack_int32(self.q, self.bits),
             "weight_scale": self.scale.contiguous(),
@@ -199,17 +262,35 @@ class QWeight:
         }
         if self.zero is not None:
             out["weight_zero_point"] = pack_int32(self.zero.t(), self.bits).t().contiguous()
+        if self.sparse is not None:
+            out.update(self.sparse.to_tensors(self.shape))
         return out
 
 
 def quantize_rtn(
     w: Tensor, bits: int, group_size: int, symmetric: bool, scale_dtype: torch.dtype, mse: bool = False,
-    requested_group_size: int | None = None,
+    requested_group_size: int | None = None, exact: Tensor | None = None,
 ) -> QWeight:
-    """Round-to-nearest on the (optionally MSE-clipped) min/max grid."""
-    scale, zero = find_qparams(w, bits, group_size, symmetric, scale_dtype, mse=mse)
-    q = quantize(w, scale, zero, bits, group_size)
-    return QWeight(q, scale, zero, bits, group_size, group_size if requested_group_size is None else requested_group_size)
+    """Round-to-nearest on the (optionally MSE-clipped) min/max grid. `exact` (N, K) bool: weights held exactly
+    by a sparse residual (dense-and-sparse); the grid is fitted without them (they count as 0, which every
+    grid holds) and their codes are 0's."""
+    dense = w if exact is None else masked_zero(w, exact)
+    scale, zero = find_qparams(dense, bits, group_size, symmetric, scale_dtype, mse=mse)
+    q = quantize(dense, scale, zero, bits, group_size)
+    qw = QWeight(q, scale, zero, bits, group_size, group_size if requested_group_size is None else requested_group_size)
+    if exact is not None:
+        qw.sparse = SparseResidual.from_dense_mask(w, qw.dequantize_dense(), exact)
+    return qw
+
+
+def expand_groups(t: Tensor, k: int) -> Tensor:
+    """(N, G) per-group values -> (N, K), each repeated over its group's columns."""
+    return t.repeat_interleave(k // t.shape[1], dim=1)
+
+
+def masked_zero(w: Tensor, mask: Tensor) -> Tensor:
+    """w with the masked entries set to 0 (a new tensor)."""
+    return torch.where(mask, torch.zeros((), dtype=w.dtype, device=w.device), w)
 
 
 def pack_int32(q: Tensor, bits: int) -> Tensor:
@@ -248,14 +329,16 @@ def unpack_int32(packed: Tensor, bits: int, cols: int) -> Tensor:
 
 
 def qweight_from_tensors(t: dict[str, Tensor], bits: int, group_size: int) -> QWeight:
-    """Read the pack-quantized tensors of one Linear back into a QWeight (group_size -1 for per channel)."""
+    """Read the pack-quantized tensors of one Linear (and its sparse residual) back into a QWeight
+    (group_size -1 for per channel)."""
     n, k = (int(x) for x in t["weight_shape"].tolist())
     q = unpack_int32(t["weight_packed"], bits, k)
     scale = t["weight_scale"]
     zero = None
     if "weight_zero_point" in t:
         zero = unpack_int32(t["weight_zero_point"].t(), bits, n).t().contiguous()
-    return QWeight(q, scale, zero, bits, group_size, group_size)
+    sparse = SparseResidual.from_tensors(t, k) if "weight_sparse_values" in t else None
+    return QWeight(q, scale, zero, bits, group_size, group_size, sparse)
 
 
 def dequantize_packed(packed: Tensor, scale: Tensor, zero_packed: Tensor | None, shape: tuple[int, int], bits: int,

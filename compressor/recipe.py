@@ -39,6 +39,7 @@ class PassSpec(BaseModel):
     targets: list[str] = Field(default_factory=list)  # empty: every Linear inside the blocks
     ignore: list[str] = Field(default_factory=list)
     config: PassConfig
+    assignment: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-layer settings a plan chose
 
     def selects(self, layer: str) -> bool:
         if any(matches(p, layer) for p in self.ignore):
@@ -52,6 +53,8 @@ class PassSpec(BaseModel):
         if self.ignore:
             d["ignore"] = list(self.ignore)
         d.update(self.config.model_dump())
+        if self.assignment:
+            d["assignment"] = {k: dict(v) for k, v in sorted(self.assignment.items())}
         return d
 
 
@@ -116,6 +119,12 @@ def parse_recipe(data: Any, source: str) -> Recipe:
         if name not in PASSES:
             raise BadInput(f"{source}: passes[{i}]: unknown pass {name!r}; known: {', '.join(sorted(PASSES))}")
         targets, ignore = raw.pop("targets", []), raw.pop("ignore", [])
+        assignment = raw.pop("assignment", {})
+        if not isinstance(assignment, dict) or not all(isinstance(k, str) and isinstance(v, dict)
+                                                       for k, v in assignment.items()):
+            raise BadInput(f"{source}: passes[{i}] ({name}): 'assignment' must map layer names to settings")
+        if assignment and PASSES[name].plan is None:
+            raise BadInput(f"{source}: passes[{i}] ({name}): this pass takes no 'assignment'")
         for key, val in (("targets", targets), ("ignore", ignore)):
             if not isinstance(val, list) or not all(isinstance(x, str) for x in val):
                 raise BadInput(f"{source}: passes[{i}] ({name}): {key!r} must be a list of strings")
@@ -129,7 +138,7 @@ def parse_recipe(data: Any, source: str) -> Recipe:
             cfg = PASSES[name].config.model_validate(raw)
         except ValidationError as e:
             raise BadInput(f"{source}: passes[{i}] ({name}): {_format_errors(e)}") from None
-        specs.append(PassSpec(name=name, targets=targets, ignore=ignore, config=cfg))
+        specs.append(PassSpec(name=name, targets=targets, ignore=ignore, config=cfg, assignment=assignment))
     try:
         return Recipe.model_validate({**data, "passes": specs, "source": source})
     except ValidationError as e:

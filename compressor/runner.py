@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +18,7 @@ from .errors import BadInput
 from .models import Checkpoint, checkpoint_key, find_blocks, materialize, release
 from .passes import get_pass
 from .quant import QWeight
-from .recipe import Recipe
+from .recipe import PassSpec, Recipe
 
 
 @dataclass
@@ -55,6 +55,7 @@ class BlockIO:
     layers: dict[str, nn.Linear]  # full module name -> Linear, the recipe's targets in this block
     targets: list[Tensor] | None = None  # per batch: the FP model's output of this block (FP inputs, FP
     # weights); kept only when a pass reconstructs the block output (adaround, flexround)
+    assignment: dict[str, dict[str, Any]] = field(default_factory=dict)  # per layer: what the pass's plan chose
 
     @torch.no_grad()
     def forward(self, block: nn.Module) -> list[Tensor]:
@@ -225,6 +226,68 @@ def cache_device(ctx: Context, nbytes: int) -> torch.device:
     return torch.device("cpu")
 
 
+@dataclass
+class PlanInput:
+    """What a pass's plan stage gets: the model skeleton (weights on the meta device until streamed), the
+    checkpoint, the calibration windows, its spec and the run's context."""
+
+    model: nn.Module
+    ckpt: Checkpoint
+    windows: Tensor
+    spec: PassSpec
+    ctx: Context
+
+    def stream_fp_layers(self) -> Iterator[tuple[str, nn.Linear, Tensor]]:
+        """The spec's target Linears of the FP model, block by block, each with the diagonal of its input second
+        moment, sum over calibration tokens of x_j^2 (K,), while its block is in memory."""
+        yield from stream_fp_layers(self.model, self.ckpt, self.windows, self.ctx, self.spec.selects)
+
+
+@dataclass
+class FinishInput:
+    """What a pass's finish stage gets: the whole FP model (materialized on the device), the calibration windows,
+    its spec and context, and `results`, the QWeight of each of its layers, to update in place."""
+
+    model: nn.Module
+    windows: Tensor
+    spec: PassSpec
+    ctx: Context
+    results: dict[str, QWeight]
+
+
+@torch.no_grad()
+def stream_fp_layers(model: nn.Module, ckpt: Checkpoint, windows: Tensor, ctx: Context,
+                     select: Callable[[str], bool]) -> Iterator[tuple[str, nn.Linear, Tensor]]:
+    """Run the FP model block by block over the calibration windows and yield (name, Linear, sum x_j^2) for every
+    selected Linear inside the blocks; memory is one block plus the activations."""
+    blocks_prefix, blocks = find_blocks(model)
+    materialize(model, "", ckpt, ctx.device, exclude=blocks_prefix)
+    cache = cache_device(ctx, windows.numel() * _hidden_size(model) * 4 * 2)
+    inputs, kwargs = capture_block_inputs(model, blocks[0], windows, ctx.batch_size, ctx.device, cache)
+    release(model, "", exclude=blocks_prefix)
+    for i, block in enumerate(blocks):
+        prefix = f"{blocks_prefix}.{i}"
+        materialize(model, prefix, ckpt, ctx.device)
+        layers = {f"{prefix}.{n}": m for n, m in block.named_modules() if isinstance(m, nn.Linear) and select(f"{prefix}.{n}")}
+        acc = {n: torch.zeros(m.in_features, device=ctx.device) for n, m in layers.items()}
+
+        def hook(name: str):
+            def fn(_m: nn.Module, args: tuple) -> None:
+                acc[name] += args[0].reshape(-1, args[0].shape[-1]).float().pow(2).sum(0)
+            return fn
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+        try:
+            io = BlockIO(prefix, inputs, kwargs, layers)
+            inputs = io.forward(block)
+        finally:
+            for h in handles:
+                h.remove()
+        for name, lin in layers.items():
+            yield name, lin, acc[name]
+        release(model, prefix)
+
+
 def run_blocks(
     model: nn.Module,
     ckpt: Checkpoint,
@@ -232,16 +295,27 @@ def run_blocks(
     windows: Tensor,
     ctx: Context,
     on_block_done: Callable[[int, str, BlockResult], None],
-) -> None:
+) -> Recipe:
     """Compress the model block by block; `on_block_done(i, prefix, result)` is called while the block's
-    quantized weights are still in memory (the artifact writer reads them there), then it is dropped."""
+    quantized weights are still in memory (the artifact writer reads them there), then it is dropped.
+    Passes with a plan stage are planned first; with a finish stage, every block's results are kept until
+    it has run, and only then handed to on_block_done. Returns the recipe with the plans' assignments."""
     blocks_prefix, blocks = find_blocks(model)
     specs = [(spec, get_pass(spec.name)) for spec in recipe.passes]
     for spec, info in specs:
         if info.kind != "block":
             raise BadInput(f"pass {spec.name!r} is a planner; this runner applies block passes only")
-    needs_data = any(info.needs_data for _, info in specs)
-    needs_targets = any(info.needs_targets for _, info in specs)
+    for i, (spec, info) in enumerate(specs):
+        if info.plan is not None and not spec.assignment:
+            ctx.log(f"{spec.name}: planning")
+            assignment = info.plan(PlanInput(model, ckpt, windows, spec, ctx))
+            specs[i] = (spec.model_copy(update={"assignment": assignment}), info)
+    recipe = recipe.model_copy(update={"passes": [spec for spec, _ in specs]})
+    needs = [info.data_needs(spec.config) for spec, info in specs]
+    needs_data = any(d for d, _ in needs)
+    needs_targets = any(t for _, t in needs)
+    finishing = any(info.finish is not None for _, info in specs)
+    kept: list[tuple[int, str, BlockResult]] = []
     if needs_data:
         materialize(model, "", ckpt, ctx.device, exclude=blocks_prefix)
         streams = 4 if needs_targets else 3  # inputs, FP outputs, compressed outputs (+ the FP model's stream)
@@ -272,6 +346,7 @@ def run_blocks(
             if not layers:
                 continue
             io.layers = layers
+            io.assignment = spec.assignment
             fp_w = {n: m.weight.data.clone() for n, m in layers.items()}
             result = info.fn(block, io, spec.config, ctx)
             for name, qw in result.items():
@@ -287,8 +362,36 @@ def run_blocks(
             if needs_targets:
                 fp_inputs = io.targets
             del fp_out
-        on_block_done(i, prefix, BlockResult(qweights, layer_pass, layer_err, out_err, time.perf_counter() - t0))
+        res = BlockResult(qweights, layer_pass, layer_err, out_err, time.perf_counter() - t0)
+        if finishing:
+            kept.append((i, prefix, res))
+        else:
+            on_block_done(i, prefix, res)
         release(model, prefix)
+    if finishing:
+        _finish(model, ckpt, windows, ctx, specs, kept)
+        for i, prefix, res in kept:
+            on_block_done(i, prefix, res)
+    return recipe
+
+
+def _finish(model: nn.Module, ckpt: Checkpoint, windows: Tensor, ctx: Context, specs: list, kept: list) -> None:
+    """Run the finish stages on the whole FP model, then refresh each changed layer's weight error."""
+    materialize(model, "", ckpt, ctx.device)
+    try:
+        for spec, info in specs:
+            if info.finish is None:
+                continue
+            results = {n: qw for _, _, res in kept for n, qw in res.qweights.items() if res.layer_pass[n] == spec.name}
+            info.finish(FinishInput(model, windows, spec, ctx, results))
+            for _, _, res in kept:
+                for n in res.qweights:
+                    if n in results:
+                        res.qweights[n] = results[n]
+                        w = model.get_submodule(n).weight.data.float()
+                        res.layer_err[n] = float((results[n].dequantize().to(w.device) - w).norm() / w.norm().clamp_min(1e-30))
+    finally:
+        release(model, "")
 
 
 def block_tensors(model: nn.Module, ckpt: Checkpoint, prefix: str, qweights: dict[str, QWeight]) -> dict[str, Tensor]:

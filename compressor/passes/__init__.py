@@ -2,6 +2,11 @@
 
 Two kinds (DESIGN.md §2): a *block* pass compresses the Linear layers of one block from that block's
 cached inputs; a *planner* measures the model and returns per-layer settings for the block passes.
+A block pass may also have model-level stages around its blocks (ReQuant has both):
+- `plan(PlanInput) -> {layer: {setting: value}}`: runs before any block (on the FP model); the result is the
+  pass's `assignment`, written into the artifact's recipe.yaml (a recipe that carries one skips the plan);
+- `finish(FinishInput) -> None`: runs after every block, with all blocks' results in memory and the whole FP
+  model loaded, and may change the results before anything is written.
 """
 from __future__ import annotations
 
@@ -47,13 +52,25 @@ class PassInfo:
     needs_targets: bool  # True: the pass reads io.targets (the FP model's block outputs), so the runner
     # keeps the FP model's activations alongside the compressed model's
     doc: str
+    plan: Callable[..., dict[str, dict[str, Any]]] | None = None
+    finish: Callable[..., None] | None = None
+    needs: Callable[[Any], tuple[bool, bool]] | None = None  # (needs_data, needs_targets) by config, when
+    # they depend on it (ReQuant's depend on its base pass)
+
+    def data_needs(self, cfg: Any) -> tuple[bool, bool]:
+        """(needs_data, needs_targets) of the block stage under this config."""
+        if self.needs is None:
+            return self.needs_data, self.needs_targets
+        data, targets = self.needs(cfg)
+        return data or targets, targets
 
 
 PASSES: dict[str, PassInfo] = {}
 
 
 def register_pass(name: str, config: type[PassConfig], kind: Literal["block", "planner"] = "block",
-                  needs_data: bool = True, needs_targets: bool = False):
+                  needs_data: bool = True, needs_targets: bool = False, plan: Callable | None = None,
+                  finish: Callable | None = None, needs: Callable | None = None):
     """Decorator: register `fn` under `name`. A second registration of a name is an error."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -61,7 +78,7 @@ def register_pass(name: str, config: type[PassConfig], kind: Literal["block", "p
             raise ValueError(f"pass {name!r} is already registered (by {PASSES[name].fn.__module__})")
         doc = (fn.__doc__ or "").strip().splitlines()
         PASSES[name] = PassInfo(name, config, fn, kind, needs_data or needs_targets, needs_targets,
-                                 doc[0] if doc else "")
+                                 doc[0] if doc else "", plan, finish, needs)
         return fn
 
     return wrap
@@ -86,4 +103,4 @@ def get_pass(name: str) -> PassInfo:
 
 
 # Registration happens on import; the list of shipped passes lives here and nowhere else.
-from . import adaround, flexround, gptq, rtn  # noqa: E402,F401
+from . import adaround, flexround, gptq, requant, rtn  # noqa: E402,F401

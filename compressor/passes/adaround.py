@@ -79,19 +79,20 @@ class AdaRoundWeight(LearnedWeight):
     def h(self) -> Tensor:
         return rectified_sigmoid(self.v)
 
-    def forward(self) -> Tensor:
+    def soft(self) -> Tensor:
         return (torch.clamp(self.floor + self.h() + self.z, self.qmin, self.qmax) - self.z) * self.s
 
     def regularizer_sum(self, beta: float) -> Tensor:
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
     @torch.no_grad()
-    def hard(self) -> QWeight:
+    def hard_grid(self) -> QWeight:
         return self._qweight(torch.clamp(self.floor + (self.v >= 0).float() + self.z, self.qmin, self.qmax), self.scale)
 
 
 @register_pass("adaround", AdaRoundConfig, needs_targets=True)
-def adaround(block: nn.Module, io: "BlockIO", cfg: AdaRoundConfig, ctx: "Context") -> dict[str, QWeight]:
+def adaround(block: nn.Module, io: "BlockIO", cfg: AdaRoundConfig, ctx: "Context",
+             exact: dict[str, Tensor] | None = None) -> dict[str, QWeight]:
     """AdaRound: learned up/down rounding on a fixed grid, by block-output reconstruction."""
 
     def regularizer_for(quants: dict[str, LearnedWeight]):
@@ -106,4 +107,4 @@ def adaround(block: nn.Module, io: "BlockIO", cfg: AdaRoundConfig, ctx: "Context
         return regularizer
 
     return learn_rounding("adaround", block, io, cfg, ctx, lambda w, s, z, g: AdaRoundWeight(w, s, z, cfg.bits, g),
-                          lr_decay=cfg.lr_decay, regularizer_for=regularizer_for)
+                          lr_decay=cfg.lr_decay, regularizer_for=regularizer_for, exact=exact)

@@ -55,18 +55,19 @@ class FlexRoundWeight(LearnedWeight):
         div = expand_groups(self.log_s1.exp(), k) * (self.log_s2 + self.log_s3).exp()
         return torch.clamp(rounding(self.w / div) + self.z, self.qmin, self.qmax)
 
-    def forward(self) -> Tensor:
+    def soft(self) -> Tensor:
         s1 = expand_groups(self._s1(), self.w.shape[1])
         return (self._codes(round_ste) - self.z) * s1
 
     @torch.no_grad()
-    def hard(self) -> QWeight:
+    def hard_grid(self) -> QWeight:
         return self._qweight(self._codes(torch.round), self.log_s1.exp().to(self.scale_dtype))
 
 
 @register_pass("flexround", FlexRoundConfig, needs_targets=True)
-def flexround(block: nn.Module, io: "BlockIO", cfg: FlexRoundConfig, ctx: "Context") -> dict[str, QWeight]:
+def flexround(block: nn.Module, io: "BlockIO", cfg: FlexRoundConfig, ctx: "Context",
+              exact: dict[str, Tensor] | None = None) -> dict[str, QWeight]:
     """FlexRound: learned element-wise division before rounding, by block-output reconstruction."""
     return learn_rounding("flexround", block, io, cfg, ctx,
                           lambda w, s, z, g: FlexRoundWeight(w, s, z, cfg.bits, g, cfg.torch_scale_dtype),
-                          lr_decay=True)
+                          lr_decay=True, exact=exact)

@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..quant import QWeight, find_qparams, qrange, refit_scales
+from ..quant import QWeight, SparseResidual, expand_groups, find_qparams, masked_zero, qrange, refit_scales
 from . import QuantConfig, layer_group_size, register_pass
 
 if TYPE_CHECKING:
@@ -43,10 +43,15 @@ def gptq_quantize(
     act_order: bool = True,
     mse: bool = False,
     refit: bool = True,
+    exact: Tensor | None = None,  # (N, K) bool
 ) -> QWeight:
     """Quantize W against Hessian H. Groups stay in natural column order so the grid is plain
     compressed-tensors (no g_idx): without act_order each group's grid is found when GPTQ reaches it
-    (from the already-updated weights); with act_order the grids are fixed first from W ("static groups")."""
+    (from the already-updated weights); with act_order the grids are fixed first from W ("static groups").
+
+    `exact`: weights held exactly by a sparse residual (dense-and-sparse, as in SpQR): the grids are fitted
+    without them, their quantization error is zero (nothing to spread), and the residual holds the value each
+    had when GPTQ reached it (its original value plus the updates from earlier columns)."""
     w = w.float().clone()
     n, k = w.shape
     h = h.float().clone()
@@ -59,13 +64,16 @@ def gptq_quantize(
 
     static = act_order or group_size == -1
     if static:
-        scale, zero = find_qparams(w, bits, group_size, symmetric, scale_dtype, mse=mse)  # (N, G)
+        fit = w if exact is None else masked_zero(w, exact)
+        scale, zero = find_qparams(fit, bits, group_size, symmetric, scale_dtype, mse=mse)  # (N, G)
     else:
         scale = torch.empty(n, k // g, dtype=scale_dtype)
         zero = None if symmetric else torch.empty(n, k // g, dtype=torch.int8)
 
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
     w, h = w[:, perm], h[perm][:, perm]
+    ex = None if exact is None else exact[:, perm]
+    held = None if exact is None else torch.zeros(n, k)  # the exact weights' values when GPTQ reached them
     h += damp * torch.mean(torch.diag(h)) * torch.eye(k)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
@@ -79,12 +87,23 @@ def gptq_quantize(
         hinv1 = hinv[i1:i2, i1:i2]
         with _one_thread():
             _quantize_columns(w1, err1, hinv1, q[:, i1:i2], perm[i1:i2], g, static, scale, zero, bits,
-                              symmetric, scale_dtype, mse)
+                              symmetric, scale_dtype, mse, None if ex is None else ex[:, i1:i2],
+                              None if held is None else held[:, i1:i2])
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    q = q[:, torch.argsort(perm)]
+    inv = torch.argsort(perm)
+    q = q[:, inv]
+    held = None if held is None else held[:, inv]
     if refit:
-        scale = refit_scales(w0, h0, q, scale, zero, group_size)
-    return QWeight(q, scale, zero, bits, group_size, group_size)
+        if exact is None:
+            scale = refit_scales(w0, h0, q, scale, zero, group_size)
+        else:  # the exact weights end at `held` whatever the scales: their error w0 - held is a constant
+            z = torch.zeros_like(q) if zero is None else expand_groups(zero, k)
+            scale = refit_scales(torch.where(exact, w0 - held, w0), h0, torch.where(exact, z, q), scale, zero,
+                                 group_size)
+    qw = QWeight(q, scale, zero, bits, group_size, group_size)
+    if exact is not None:
+        qw.sparse = SparseResidual.from_dense_mask(held, qw.dequantize_dense(), exact)
+    return qw
 
 
 @contextmanager
@@ -102,15 +121,17 @@ def _one_thread():
 
 def _quantize_columns(w1: Tensor, err1: Tensor, hinv1: Tensor, q1: Tensor, cols: Tensor, g: int, static: bool,
                       scale: Tensor, zero: Tensor | None, bits: int, symmetric: bool, scale_dtype: torch.dtype,
-                      mse: bool) -> None:
+                      mse: bool, exact1: Tensor | None = None, held1: Tensor | None = None) -> None:
     """One lazy block of GPTQ, in place: quantize its columns in turn (codes into q1, scaled errors into err1),
-    each column's error spread over the block's later columns."""
+    each column's error spread over the block's later columns. Weights marked in exact1 are recorded in held1
+    as they are and spread no error."""
     qmin, qmax = qrange(bits)
     for i in range(w1.shape[1]):
         col = int(cols[i])
         gi = col // g
         if not static and col % g == 0:
-            s, z = find_qparams(w1[:, i : i + g], bits, g, symmetric, scale_dtype, mse=mse)
+            fit = w1[:, i : i + g] if exact1 is None else masked_zero(w1[:, i : i + g], exact1[:, i : i + g])
+            s, z = find_qparams(fit, bits, g, symmetric, scale_dtype, mse=mse)
             scale[:, gi] = s[:, 0]
             if zero is not None:
                 zero[:, gi] = z[:, 0]
@@ -119,13 +140,18 @@ def _quantize_columns(w1: Tensor, err1: Tensor, hinv1: Tensor, q1: Tensor, cols:
         qi = torch.clamp(torch.round(w1[:, i] / s) + z, qmin, qmax)
         q1[:, i] = qi.to(torch.int8)
         e = (w1[:, i] - (qi - z) * s) / hinv1[i, i]
+        if exact1 is not None:
+            held1[:, i] = w1[:, i]
+            e = torch.where(exact1[:, i], torch.zeros_like(e), e)
         w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
         err1[:, i] = e
 
 
 @register_pass("gptq", GPTQConfig)
-def gptq(block: nn.Module, io: "BlockIO", cfg: GPTQConfig, ctx: "Context") -> dict[str, QWeight]:
-    """GPTQ with Hessians from the block's inputs, damping, act-order and group-wise scales."""
+def gptq(block: nn.Module, io: "BlockIO", cfg: GPTQConfig, ctx: "Context",
+         exact: dict[str, Tensor] | None = None) -> dict[str, QWeight]:
+    """GPTQ with Hessians from the block's inputs, damping, act-order and group-wise scales. `exact`: per
+    layer, weights a sparse residual holds exactly (ReQuant's outliers)."""
     out: dict[str, QWeight] = {}
     groups = io.sibling_groups(block) if cfg.true_sequential else [list(io.layers)]
     for names in groups:
@@ -136,7 +162,7 @@ def gptq(block: nn.Module, io: "BlockIO", cfg: GPTQConfig, ctx: "Context") -> di
             qw = gptq_quantize(
                 lin.weight.data, hessians[name], cfg.bits, g, cfg.symmetric, cfg.torch_scale_dtype,
                 damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order, mse=cfg.mse,
-                refit=cfg.refit_scales,
+                refit=cfg.refit_scales, exact=None if exact is None else exact.get(name),
             )
             qw.requested_group_size = cfg.group_size
             out[name] = qw

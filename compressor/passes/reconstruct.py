@@ -21,7 +21,7 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..quant import QWeight, find_qparams, qrange
+from ..quant import QWeight, SparseResidual, expand_groups, find_qparams, masked_zero, qrange
 from . import QuantConfig, layer_group_size
 
 if TYPE_CHECKING:
@@ -48,11 +48,6 @@ def round_ste(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def expand_groups(t: Tensor, k: int) -> Tensor:
-    """(N, G) per-group values -> (N, K), each repeated over its group's columns."""
-    return t.repeat_interleave(k // t.shape[1], dim=1)
-
-
 def cosine(step: int, total: int, start: float, end: float) -> float:
     """Cosine from `start` (step 0) to `end` (step `total`)."""
     return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
@@ -61,7 +56,9 @@ def cosine(step: int, total: int, start: float, end: float) -> float:
 class LearnedWeight(nn.Module):
     """Base of a learned quantizer of one Linear weight: forward() returns the weight it stands for
     (differentiable in its parameters), hard() the final integer grid. Holds the grid's fixed parts: bits,
-    group size, code range, and the zero point (as stored, and expanded to the weight's shape as `z`)."""
+    group size, code range, and the zero point (as stored, and expanded to the weight's shape as `z`).
+    Subclasses give soft() (the learned weight) and hard_grid() (its rounding). With `hold_exact(mask)` the
+    masked weights stay at their original values (a sparse residual holds them: dense-and-sparse)."""
 
     def __init__(self, w: Tensor, zero: Tensor | None, bits: int, group_size: int):
         super().__init__()
@@ -71,9 +68,28 @@ class LearnedWeight(nn.Module):
         self.zero = zero  # (N, G) int8 as stored, None when symmetric
         z = torch.zeros(n, 1, device=w.device) if zero is None else zero.float()
         self.register_buffer("z", expand_groups(z, k))
+        self.exact: Tensor | None = None  # (N, K) bool
+        self.w_exact: Tensor | None = None  # (N, K) the values the residual holds
 
-    def hard(self) -> QWeight:
+    def hold_exact(self, mask: Tensor, w: Tensor) -> None:
+        self.exact, self.w_exact = mask, w.float()
+
+    def soft(self) -> Tensor:
         raise NotImplementedError
+
+    def hard_grid(self) -> QWeight:
+        raise NotImplementedError
+
+    def forward(self) -> Tensor:
+        w = self.soft()
+        return w if self.exact is None else torch.where(self.exact, self.w_exact, w)
+
+    @torch.no_grad()
+    def hard(self) -> QWeight:
+        qw = self.hard_grid()
+        if self.exact is not None:
+            qw.sparse = SparseResidual.from_dense_mask(self.w_exact.cpu(), qw.dequantize_dense(), self.exact.cpu())
+        return qw
 
     def _qweight(self, q: Tensor, scale: Tensor) -> QWeight:
         """The QWeight of float codes `q` (already clamped) on `scale` and this quantizer's zero point."""
@@ -90,16 +106,22 @@ def learn_rounding(
     make: Callable[[Tensor, Tensor, Tensor | None, int], LearnedWeight],
     lr_decay: bool,
     regularizer_for: Callable[[dict[str, LearnedWeight]], Callable[[int], Tensor | None]] | None = None,
+    exact: dict[str, Tensor] | None = None,
 ) -> dict[str, QWeight]:
     """A learned-rounding pass on one block: per layer the initial grid (min/max or MSE) and
     `make(w, scale, zero, group_size)` its quantizer, then `reconstruct`, a log line with the hard-rounded
-    error before and after, and the final QWeights."""
+    error before and after, and the final QWeights. `exact`: per layer, weights held exactly by a sparse
+    residual (the grid is fitted without them; the block learns around them)."""
     quants: dict[str, LearnedWeight] = {}
     for name, lin in io.layers.items():
         g = layer_group_size(name, lin.in_features, cfg, ctx)
         w = lin.weight.data.float()
-        scale, zero = find_qparams(w, cfg.bits, g, cfg.symmetric, cfg.torch_scale_dtype, mse=cfg.mse)
+        mask = None if exact is None else exact.get(name)
+        fit = w if mask is None else masked_zero(w, mask.to(w.device))
+        scale, zero = find_qparams(fit, cfg.bits, g, cfg.symmetric, cfg.torch_scale_dtype, mse=cfg.mse)
         quants[name] = make(w, scale, zero, g)
+        if mask is not None:
+            quants[name].hold_exact(mask.to(w.device), w)
     regularizer = regularizer_for(quants) if regularizer_for is not None else None
     out, stats = reconstruct(block, io, quants, ctx, cfg.iters, cfg.lr, cfg.batch_samples, lr_decay, regularizer)
     ctx.log(f"{label} {io.prefix}: block output rel. error (hard-rounded, first batch) {stats['before']:.3g} at the "

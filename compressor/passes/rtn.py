@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..quant import QWeight, quantize_rtn
 from . import QuantConfig, layer_group_size, register_pass
@@ -17,13 +17,15 @@ class RTNConfig(QuantConfig):
 
 
 @register_pass("rtn", RTNConfig, needs_data=False)
-def rtn(block: nn.Module, io: "BlockIO", cfg: RTNConfig, ctx: "Context") -> dict[str, QWeight]:
-    """Round-to-nearest, no calibration data needed (the baseline)."""
+def rtn(block: nn.Module, io: "BlockIO", cfg: RTNConfig, ctx: "Context",
+        exact: dict[str, Tensor] | None = None) -> dict[str, QWeight]:
+    """Round-to-nearest, no calibration data needed (the baseline). `exact`: per layer, weights a sparse
+    residual holds exactly (ReQuant's outliers)."""
     out = {}
     for name, lin in io.layers.items():
         g = layer_group_size(name, lin.in_features, cfg, ctx)
         out[name] = quantize_rtn(
             lin.weight.data, cfg.bits, g, cfg.symmetric, cfg.torch_scale_dtype, mse=cfg.mse,
-            requested_group_size=cfg.group_size,
+            requested_group_size=cfg.group_size, exact=None if exact is None else exact.get(name),
         )
     return out

