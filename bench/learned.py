@@ -64,6 +64,12 @@ def resolved(recipe: str) -> str:
     return parse_recipe(yaml.safe_load(recipe), "bench").to_yaml()
 
 
+def recipe_sha(recipe: str) -> str:
+    """The resolved recipe's hash (machine independent, unlike the cache name, which includes the model path):
+    stored with each row, so a row measured under older pass defaults is marked in the table."""
+    return hashlib.sha256(resolved(recipe).encode()).hexdigest()[:12]
+
+
 def cli(*args: str, log: Path) -> float:
     return run([sys.executable, "-m", "compressor.cli", *args], log)
 
@@ -90,7 +96,10 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("COMPRESSOR_CACHE", Path.home() / ".cache/compressor")) / "bench" / "learned")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--table", action="store_true", help="only rewrite the markdown from the results JSON")
     a = ap.parse_args()
+    if a.table:
+        return write_results(a, [])
     a.work.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
     rows = a.rows.split(",")
@@ -127,7 +136,8 @@ def main() -> None:
             results.append({"row": row, "method": method, "bits_per_weight": stored_bits_per_weight(out),
                             "perplexity": res.get("perplexity"), "kl_to_base": res.get("kl_to_base"),
                             "cosine_similarity": res.get("cosine_similarity"),
-                            "compress_seconds": round(json.loads(meta.read_text())["seconds"], 1)})
+                            "compress_seconds": round(json.loads(meta.read_text())["seconds"], 1),
+                            "recipe_sha": recipe_sha(recipe)})
             write_results(a, results)
 
 
@@ -154,15 +164,27 @@ def write_results(a: argparse.Namespace, results: list[dict]) -> None:
                     "torch": torch.__version__, "python": platform.python_version()},
         "results": results,
     }
+    if a.table:  # nothing ran: keep the machine the rows ran on
+        record["machine"] = json.loads((a.out / "learned.json").read_text())["machine"]
 
     def f(x, fmt):
         return "" if x is None else format(x, fmt)
 
     lines = ["| config | method | bits/weight | perplexity | KL to base | embedding cos | compress s |",
              "|---|---|---|---|---|---|---|"]
+    notes = []
     for r in results:
-        lines.append(f"| {r['row']} | {r['method']} | {r['bits_per_weight']:.3f} | {f(r['perplexity'], '.3f')} | "
+        mark = ""
+        if r["row"] in ROWS and r["method"] in METHODS:
+            bits, g = ROWS[r["row"]]
+            seq_len = 128 if r["row"].startswith("minilm") else 512
+            if r.get("recipe_sha") != recipe_sha(recipe_yaml(r["method"], bits, g, a.samples, seq_len)):
+                notes.append(f"{r['row']} {r['method']}: " + r.get("note", "measured under other pass defaults "
+                                                                  "than the current ones; rerun it to refresh"))
+                mark = f" [{len(notes)}]"
+        lines.append(f"| {r['row']} | {r['method']}{mark} | {r['bits_per_weight']:.3f} | {f(r['perplexity'], '.3f')} | "
                      f"{f(r['kl_to_base'], '.4f')} | {f(r['cosine_similarity'], '.5f')} | {f(r['compress_seconds'], '.0f')} |")
+    lines += [""] + [f"[{i}] {n}" for i, n in enumerate(notes, 1)] if notes else []
     md = (f"# Learned rounding vs GPTQ and RTN\n\n{record['decoder']} and {record['encoder']}; calibration "
           f"{a.samples} windows of emma.txt + mansfieldpark.txt (512 tokens decoder, 128 encoder; seed 0); evaluation "
           f"persuasion.txt, the first {a.eval_tokens} tokens (windows of 512 decoder, 128 encoder). All asymmetric. "
