@@ -180,6 +180,13 @@ def write_report(runs: str | Path, out: str | Path) -> dict[str, Any]:
     r0 = records[0]
     ev = ", ".join(f["name"] for f in r0.get("inputs", {}).get("evaluation", []))
     cal = ", ".join(f["name"] for f in r0.get("inputs", {}).get("calibration", []))
+    cals = {(c["samples"], c.get("seq_len"), c.get("seed")) for r in records  # runs that drew calibration data
+            if isinstance(c := r.get("calibration"), dict) and c.get("samples")}
+    if len(cals) == 1:
+        n, L, seed = next(iter(cals))
+        cal += f" ({n} windows of {L} tokens, seed {seed})"
+    elif len(cals) > 1:
+        cal += " (windows, length and seed differ between runs: see each record)"
     intro = (f"Model `{r0.get('model')}`; calibration {cal}; evaluation {ev}, the first "
              f"{r0.get('inputs', {}).get('eval_tokens')} tokens in windows of {r0.get('inputs', {}).get('eval_seq_len')}. "
              f"Sorted by bits per weight; ✓ marks the Pareto frontier (no other run is both smaller and better on "

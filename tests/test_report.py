@@ -98,6 +98,7 @@ def test_report_files_table_and_frontier(swept, tmp_path):
     assert res["pareto"] == expect, (res["pareto"], ppl)
     assert [r.rstrip(" |").endswith("✓") for r in rows] == [n in expect for n in ("w4-rtn", "w8-rtn")]
     assert any(line.startswith("| base ") for line in md.splitlines())
+    assert "(2 windows of 32 tokens, seed 0)" in md  # the calibration the runs drew, as the sweep set it
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "<table>" in html  # self-contained
     assert_error(run_cli("report", str(tmp_path / "none"), "--out", str(out)), 2, "is not a directory")
