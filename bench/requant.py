@@ -16,7 +16,7 @@ residual's values and CSR indices. Rows:
     rtn+detach-<crit.>  significant weights only (r_s 0.5%, no outliers), by pqi / magnitude / fisher / random:
                         the four criteria compared on the whole budget
 
-A variant that is a shipped recipe (w3g64-rtn, w3-flexround, w2-flexround, w3-requant, w2-requant) runs as that
+A variant that is a shipped recipe (w3g64-rtn, w3-flexround, w3-requant, w2-requant) runs as that
 recipe; the others as recipe files written under --work. All of them run through one `compress sweep` into
 --work/sweep (resumable: a finished run is kept). Also the loss-change table of `compress sensitivity demo`
 (RTN W3 g64, 8 windows of emma.txt: measured dF vs PQI at N = 4, 8, 16 and first- and second-order Taylor).
@@ -48,7 +48,7 @@ EVAL = DATA / "persuasion.txt"
 BUDGET = {"outlier_fraction": 0.0045, "significant_fraction": 0.0005}
 CRITERIA = ("pqi", "magnitude", "fisher", "random")
 SHIPPED = {("w3-g64", "rtn"): "w3g64-rtn", ("w3-g64", "flexround"): "w3-flexround",
-           ("w2-g64", "flexround"): "w2-flexround", ("w3-g64", "flexround+rq"): "w3-requant",
+           ("w3-g64", "flexround+rq"): "w3-requant",
            ("w2-g64", "flexround+rq"): "w2-requant"}
 
 

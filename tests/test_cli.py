@@ -224,7 +224,10 @@ def test_interrupt_mid_run_leaves_nothing(tmp_path, demo_path, small_calib, sig)
     proc = subprocess.Popen(
         [sys.executable, "-m", "compressor.cli", "model", "demo", "--recipe", "w4-gptq", "--out", str(out), *FAST,
          "--calib", str(small_calib)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ))
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ),
+        # a suite started in the background (`pytest &`, nohup) ignores SIGINT, and the child would inherit
+        # that (Python keeps an ignored SIGINT ignored): give the child the default, as a terminal would
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     q: "queue.Queue[str | None]" = queue.Queue()
     reader = threading.Thread(target=_read_lines, args=(proc.stderr, q), daemon=True)
     reader.start()
