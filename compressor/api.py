@@ -11,15 +11,17 @@ import torch
 from torch import nn
 
 from . import __version__
-from .artifact import (ArtifactWriter, FORMAT_VERSION, TOKENIZER_FILES, check_output, ct_layer_schemes,
-                       ct_quantization_config, file_hashes)
+from .artifact import (ArtifactWriter, FORMAT_VERSION, MASKED_QUANT, SPARSE_BITMASK, TOKENIZER_FILES, check_output,
+                       ct_layer_schemes, ct_quantization_config, ct_sparse_layers, file_hashes)
 from .data import load_windows
 from .errors import BadInput
 from .models import (Checkpoint, ModelSource, checkpoint_key, find_blocks, load_dense, materialize, resolve_model,
                      skeleton)
 from .modules import QuantLinear
+from .quant import QWeight, pack_int32, qweight_from_tensors
 from .recipe import load_recipe
 from .runner import BlockResult, Context, block_tensors, checkpoint_key_prefix, run_blocks
+from .sparse import SUFFIXES as SPARSE_SUFFIXES, SparseWeight
 
 
 def pick_device(device: str) -> torch.device:
@@ -84,58 +86,18 @@ def compress(
     block_errs: dict[str, float] = {}
     with ArtifactWriter(out, force) as writer:
         def done(i: int, prefix: str, res: BlockResult) -> None:
-            writer.add_part(block_tensors(skel, ckpt, prefix, res.qweights))
-            for name, qw in sorted(res.qweights.items()):
-                n, k = qw.shape
-                layers[name] = {
-                    "pass": res.layer_pass[name], "bits": qw.bits, "group_size": qw.group_size,
-                    "requested_group_size": qw.requested_group_size, "symmetric": qw.symmetric, "shape": [n, k],
-                    "bits_per_weight": round(qw.storage_bits() / (n * k), 4),
-                    "weight_rel_err": round(res.layer_err[name], 6),
-                }
-                if qw.sparse is not None:  # our extension: a CSR float16 residual (DESIGN.md section 4)
-                    layers[name]["sparse"] = {"format": "csr-float16", "nnz": qw.sparse.nnz,
-                                              "fraction": round(qw.sparse.nnz / (n * k), 6),
-                                              "bits_per_weight": round(qw.sparse.storage_bits((n, k)) / (n * k), 4)}
-            if res.out_rel_err is not None:
-                block_errs[prefix] = res.out_rel_err
+            add_block(writer, skel, ckpt, prefix, res, layers, block_errs)
             if on_block:
                 on_block(i, len(blocks), prefix, res)
 
         rec = run_blocks(skel, ckpt, rec, windows, ctx, done)  # with the plans' assignments
-        blocks_key_prefix = checkpoint_key_prefix(skel, ckpt, blocks_prefix)
-        writer.add_part({k: ckpt.get(k) for k in ckpt.keys() if not k.startswith(blocks_key_prefix)})
-        writer.join_parts()
-
-        linears = [n for n, m in skel.named_modules() if isinstance(m, nn.Linear)]
-        config = src.config
-        config["quantization_config"] = ct_quantization_config(layers, [n for n in linears if n not in layers])
-        writer.write_json("config.json", config)
-        for name in TOKENIZER_FILES:
-            if (src.path / name).is_file():
-                writer.copy_in(src.path / name)
-        writer.write_text("recipe.yaml", rec.to_yaml())
-        qparams = sum(v["shape"][0] * v["shape"][1] for v in layers.values())
-        qbits = sum(v["bits_per_weight"] * v["shape"][0] * v["shape"][1] for v in layers.values())
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "tool": "compressor",
-            "tool_version": __version__,
-            "compressed_tensors_version": _ct_version(),
+        manifest = finish_artifact(writer, skel, ckpt, src, layers, rec.to_yaml(), {
             "source": {"ref": model, "kind": src.kind},
             "recipe": {"source": rec.source, "passes": [p.name for p in rec.passes]},
             "calibration": cal_info,
-            "bits_per_weight": round(qbits / max(qparams, 1), 4),
-            "quantized_params": qparams,
-            "layers": layers,
-            "extensions": (["sparse_residual"] if any("sparse" in v for v in layers.values()) else []),
             "metrics": {"block_output_rel_mse": {k: round(v, 8) for k, v in block_errs.items()}},
             "warnings": ctx.warnings,
-        }
-        files = writer.files()
-        manifest["size_bytes"] = sum(f.stat().st_size for f in files)
-        manifest["files"] = file_hashes(files)
-        writer.write_json("compression.json", manifest)
+        })
         writer.commit()
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     return {
@@ -151,6 +113,96 @@ def compress(
         "warnings": ctx.warnings,
         **peak_memory(dev),
     }
+
+
+def layer_entry(w: QWeight | SparseWeight, pass_name: str, rel_err: float) -> dict[str, Any]:
+    """compression.json's entry of one compressed layer. A pruned layer adds `format` ("sparse-bitmask": pruned, not
+    quantized, compressed-tensors' layout; "pack-quantized+bitmask": pruned and quantized, our extension),
+    `sparsity` (fraction pruned) and `sparsity_structure`; a sparse-bitmask layer has no integer grid (`bits`,
+    `group_size`, `symmetric` null) and says the dtype its kept values are stored in."""
+    n, k = w.shape
+    if isinstance(w, SparseWeight):
+        entry: dict[str, Any] = {"pass": pass_name, "format": SPARSE_BITMASK, "bits": None,
+                                 "dtype": str(w.weight.dtype).removeprefix("torch."), "group_size": None,
+                                 "requested_group_size": None, "symmetric": None, "shape": [n, k]}
+    else:
+        entry = {"pass": pass_name, "bits": w.bits, "group_size": w.group_size,
+                 "requested_group_size": w.requested_group_size, "symmetric": w.symmetric, "shape": [n, k]}
+        if w.sparse is not None:  # our extension: a CSR float16 residual (DESIGN.md section 4)
+            entry["sparse"] = {"format": "csr-float16", "nnz": w.sparse.nnz,
+                               "fraction": round(w.sparse.nnz / (n * k), 6),
+                               "bits_per_weight": round(w.sparse.storage_bits((n, k)) / (n * k), 4)}
+        if w.mask is not None:
+            entry["format"] = MASKED_QUANT
+    if isinstance(w, SparseWeight) or w.mask is not None:
+        entry["sparsity"] = round(w.sparsity, 6)
+        entry["sparsity_structure"] = w.structure()
+    entry["bits_per_weight"] = round(w.storage_bits() / (n * k), 4)
+    entry["weight_rel_err"] = round(rel_err, 6)
+    return entry
+
+
+def add_block(writer: ArtifactWriter, skel: nn.Module, ckpt: Checkpoint, prefix: str, res: BlockResult,
+              layers: dict[str, dict], block_errs: dict[str, float]) -> None:
+    """A finished block into the artifact: its tensors as a part file, its layers' compression.json entries into
+    `layers` and its output error into `block_errs` (what compress() does after every block)."""
+    writer.add_part(block_tensors(skel, ckpt, prefix, res.qweights))
+    for name, w in sorted(res.qweights.items()):
+        layers[name] = layer_entry(w, res.layer_pass[name], res.layer_err[name])
+    if res.out_rel_err is not None:
+        block_errs[prefix] = res.out_rel_err
+
+
+def finish_artifact(writer: ArtifactWriter, skel: nn.Module, ckpt: Checkpoint, src: ModelSource,
+                    layers: dict[str, dict], recipe_yaml: str, info: dict[str, Any]) -> dict[str, Any]:
+    """After the blocks: the tensors outside them, model.safetensors, config.json (quantization_config),
+    tokenizer files, recipe.yaml and compression.json (`info`: source, recipe, calibration, metrics, warnings).
+    Returns the manifest; the caller commits the writer."""
+    blocks_prefix, _ = find_blocks(skel)
+    blocks_key_prefix = checkpoint_key_prefix(skel, ckpt, blocks_prefix)
+    writer.add_part({k: ckpt.get(k) for k in ckpt.keys() if not k.startswith(blocks_key_prefix)})
+    writer.join_parts()
+
+    linears = [n for n, m in skel.named_modules() if isinstance(m, nn.Linear)]
+    config = src.config
+    config["quantization_config"] = ct_quantization_config(layers, [n for n in linears if n not in layers])
+    writer.write_json("config.json", config)
+    for name in TOKENIZER_FILES:
+        if (src.path / name).is_file():
+            writer.copy_in(src.path / name)
+    writer.write_text("recipe.yaml", recipe_yaml)
+    manifest = {"format_version": FORMAT_VERSION, "tool": "compressor", "tool_version": __version__,
+                "compressed_tensors_version": _ct_version(), **info, **manifest_sizes(layers)}
+    files = writer.files()
+    manifest["size_bytes"] = sum(f.stat().st_size for f in files)
+    manifest["files"] = file_hashes(files)
+    writer.write_json("compression.json", manifest)
+    return manifest
+
+
+def manifest_sizes(layers: dict[str, dict]) -> dict[str, Any]:
+    """The manifest's counts over the compressed layers: bits_per_weight (all they store, scales, zero points,
+    residuals, bitmasks and index included, per weight), quantized_params (weights of quantized layers, pruned
+    ones included), the per-layer entries and `extensions`; with pruning also sparse_params (weights of the
+    sparse-bitmask layers) and sparsity (fraction pruned over all compressed layers)."""
+    def size(v: dict) -> int:
+        return v["shape"][0] * v["shape"][1]
+
+    qparams = sum(size(v) for v in layers.values() if v.get("format") != SPARSE_BITMASK)
+    sparams = sum(size(v) for v in layers.values() if v.get("format") == SPARSE_BITMASK)
+    qbits = sum(v["bits_per_weight"] * size(v) for v in layers.values())
+    extensions = []
+    if any("sparse" in v for v in layers.values()):
+        extensions.append("sparse_residual")
+    if any(v.get("format") == MASKED_QUANT for v in layers.values()):
+        extensions.append("sparse_bitmask_quantized")
+    out = {"bits_per_weight": round(qbits / max(qparams + sparams, 1), 4), "quantized_params": qparams,
+           "layers": layers, "extensions": extensions}
+    if any("sparsity" in v for v in layers.values()):
+        pruned = sum(v.get("sparsity", 0.0) * size(v) for v in layers.values())
+        out["sparse_params"] = sparams
+        out["sparsity"] = round(pruned / max(qparams + sparams, 1), 6)
+    return out
 
 
 def peak_memory(device: torch.device) -> dict[str, int]:
@@ -188,11 +240,48 @@ def load(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float
     return load_compressed(src, dev, dtype)
 
 
+class ExpandedCheckpoint:
+    """A Checkpoint with some tensors computed on read: the dense `weight` of a sparse-bitmask layer, the
+    `weight_packed` of a pruned + quantized one, so the model loads through the usual path (materialize)."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self.derived: dict[str, Callable[[], torch.Tensor]] = {}
+
+    def keys(self) -> list[str]:
+        return sorted({*self.ckpt.keys(), *self.derived})
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.derived or key in self.ckpt
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.derived[key]() if key in self.derived else self.ckpt.get(key)
+
+    def layer(self, base: str, suffixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The tensors `base + suffix` that exist, keyed by suffix."""
+        return {s: self.ckpt.get(base + s) for s in suffixes if base + s in self.ckpt}
+
+
+MASKED_QWEIGHT_TENSORS = (*QWeight.MASKED_SUFFIXES, "weight_scale", "weight_zero_point", "weight_shape")
+
+
 def load_compressed(src: ModelSource, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Quantized layers become QuantLinear (a pruned one with its dense codes rebuilt: the grid's zero at the pruned
+    weights); sparse-bitmask layers (sparsity_config) plain Linear with the dense weight rebuilt from the bitmask."""
     model = skeleton(src.path)
-    ckpt = Checkpoint(src.path)
+    ckpt = ExpandedCheckpoint(Checkpoint(src.path))
     linears = [(n, type(m).__name__) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    schemes = ct_layer_schemes(src.config["quantization_config"], linears)
+    qc = src.config["quantization_config"]
+    schemes = ct_layer_schemes(qc, linears)
+    for name in ct_sparse_layers(qc, linears):
+        if name in schemes:  # quantized too: compressed-tensors compressed such a weight by quantization alone
+            continue
+        key = checkpoint_key(model, ckpt.ckpt, f"{name}.compressed")
+        if key is None:
+            raise BadInput(f"{src.path}: no sparse-bitmask tensors ({name}.compressed) for sparse layer {name}")
+        base = key[: -len("compressed")]
+        ckpt.derived[base + "weight"] = lambda base=base: SparseWeight.from_tensors(
+            ckpt.layer(base, SPARSE_SUFFIXES)).weight
     for name, (bits, g, sym) in schemes.items():
         lin = model.get_submodule(name)
         key = checkpoint_key(model, ckpt, f"{name}.weight_scale")
@@ -203,6 +292,11 @@ def load_compressed(src: ModelSource, device: torch.device, dtype: torch.dtype) 
         q = QuantLinear(lin.in_features, lin.out_features, bits, g, sym, lin.bias is not None, ckpt.get(key).dtype, nnz)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
+        mask_key = checkpoint_key(model, ckpt.ckpt, f"{name}.weight_bitmask")
+        if mask_key is not None:  # pruned + quantized (our extension): the dense codes, zero code where pruned
+            base = mask_key[: -len("weight_bitmask")]
+            ckpt.derived[base + "weight_packed"] = lambda base=base, bits=bits, g=g: pack_int32(
+                qweight_from_tensors(ckpt.layer(base, MASKED_QWEIGHT_TENSORS), bits, g).q, bits)
     materialize(model, "", ckpt, device, dtype)
     return model.to(device)
 

@@ -182,22 +182,74 @@ def verify_hashes(path: Path, manifest: dict) -> list[str]:
     return bad
 
 
+SPARSE_BITMASK = "sparse-bitmask"  # compression.json `format` of a SparseWeight layer (compressed-tensors' name)
+MASKED_QUANT = "pack-quantized+bitmask"  # of a pruned + quantized layer (our extension)
+
+
 def ct_quantization_config(layers: dict[str, dict], unquantized_linears: list[str]) -> dict:
     """compressed-tensors `quantization_config`: one config group per (bits, group size, symmetry), each
-    with explicit module-name targets, so mixed settings per layer load in transformers and vLLM."""
+    with explicit module-name targets, so mixed settings per layer load in transformers and vLLM.
+
+    Layers pruned but not quantized (`format` "sparse-bitmask" in `layers`) are in no config group; they go into
+    a `sparsity_config` (compressed-tensors' BitmaskConfig, as releases with a sparse-bitmask compressor wrote it:
+    format, explicit targets, ignore null, global_sparsity = the fraction pruned over those layers, and
+    sparsity_structure). Like compressed-tensors' own configs, `ignore` lists every Linear that is not
+    quantized, these included: it only concerns quantization. Without any quantized layer, the config is what
+    compressed-tensors wrote for a sparse-only model: quant_method and sparsity_config alone."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
+    sparse = {n: v for n, v in layers.items() if v.get("format") == SPARSE_BITMASK}
+    quantized = {n: v for n, v in layers.items() if n not in sparse}
     groups: dict[tuple, list[str]] = {}
-    for name, info in sorted(layers.items()):
+    for name, info in sorted(quantized.items()):
         groups.setdefault((info["bits"], info["group_size"], info["symmetric"]), []).append(name)
     config_groups = {}
     for i, ((bits, g, sym), names) in enumerate(sorted(groups.items())):
         strategy = dict(strategy="channel") if g == -1 else dict(strategy="group", group_size=g)
         args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, **strategy)
         config_groups[f"group_{i}"] = QuantizationScheme(targets=names, weights=args, format="pack-quantized")
-    qc = QuantizationConfig(config_groups=config_groups, format="pack-quantized", quantization_status="compressed",
-                            ignore=sorted(unquantized_linears))
-    return qc.model_dump(mode="json")
+    if config_groups:
+        qc = QuantizationConfig(config_groups=config_groups, format="pack-quantized", quantization_status="compressed",
+                                ignore=sorted([*unquantized_linears, *sparse]))
+        out = qc.model_dump(mode="json")
+    else:
+        out = {"quant_method": "compressed-tensors"}
+    if sparse:
+        out["sparsity_config"] = ct_sparsity_config(sparse)
+    return out
+
+
+def ct_sparsity_config(sparse: dict[str, dict]) -> dict:
+    """The `sparsity_config` of the sparse-bitmask layers (compression.json entries with shape, sparsity and
+    sparsity_structure): one structure when all share it, else "unstructured" (no claim)."""
+    from compressed_tensors.config import BitmaskConfig
+
+    total = sum(v["shape"][0] * v["shape"][1] for v in sparse.values())
+    pruned = sum(v["sparsity"] * v["shape"][0] * v["shape"][1] for v in sparse.values())
+    structures = {v["sparsity_structure"] for v in sparse.values()}
+    cfg = BitmaskConfig(targets=sorted(sparse), global_sparsity=round(pruned / max(total, 1), 6),
+                        sparsity_structure=structures.pop() if len(structures) == 1 else "unstructured")
+    return cfg.model_dump(mode="json")
+
+
+def ct_sparse_layers(qc: dict, linears: list[tuple[str, str]]) -> list[str]:
+    """The Linears (name, class name) a `sparsity_config` in sparse-bitmask format names (exact name, `re:` regex
+    or class name, less its ignore list); [] without one. Other sparse formats are refused."""
+    from .recipe import matches
+
+    sc = qc.get("sparsity_config")
+    if not sc or sc.get("format") == "dense":
+        return []
+    if sc.get("format") != SPARSE_BITMASK:
+        raise BadInput(f"sparsity_config format {sc.get('format')!r}: only sparse-bitmask is supported")
+
+    def hit(target: str, name: str, cls: str) -> bool:
+        return target == cls or target == name or (target.startswith("re:") and matches(target, name))
+
+    targets = sc.get("targets") or ["Linear"]  # compressed-tensors: no targets means every layer
+    ignore = sc.get("ignore") or []
+    return [name for name, cls in linears
+            if any(hit(t, name, cls) for t in targets) and not any(hit(t, name, cls) for t in ignore)]
 
 
 def ct_layer_schemes(qc: dict, linears: list[tuple[str, str]]) -> dict[str, tuple[int, int, bool]]:

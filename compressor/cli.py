@@ -157,14 +157,28 @@ def inspect_cmd(path: Path = typer.Argument(..., help="artifact directory"), as_
             sys.stdout.write(json.dumps(info) + "\n")
         else:
             _emit({k: v for k, v in info.items() if k not in ("files", "layers")}, False, str(path))
-            t = Table("layer", "pass", "bits", "group", "sym", "shape", "bpw", "rel. err")
+            pruned = any("sparsity" in v for v in info["layers"].values())
+            t = Table("layer", "pass", "bits", "group", "sym", "shape", *(["sparsity"] if pruned else []), "bpw",
+                      "rel. err")
             for name, v in info["layers"].items():
-                t.add_row(name, v["pass"], str(v["bits"]), str(v["group_size"]), "yes" if v["symmetric"] else "no",
-                          "x".join(map(str, v["shape"])), f"{v['bits_per_weight']:.3f}", f"{v['weight_rel_err']:.4f}")
+                grid = v["bits"] is not None  # a sparse-bitmask layer (pruned, not quantized) has no integer grid
+                sparsity = [_sparsity_cell(v)] if pruned else []
+                t.add_row(name, v["pass"], str(v["bits"]) if grid else v.get("dtype", "-"),
+                          str(v["group_size"]) if grid else "-", ("yes" if v["symmetric"] else "no") if grid else "-",
+                          "x".join(map(str, v["shape"])), *sparsity, f"{v['bits_per_weight']:.3f}",
+                          f"{v['weight_rel_err']:.4f}")
             err.print(t)
         if not info["hashes_ok"]:
             errors.print(f"[bold red]sha256 mismatch:[/] {', '.join(info['hash_mismatches'])}")
             raise typer.Exit(1)
+
+
+def _sparsity_cell(layer: dict) -> str:
+    """A layer's fraction pruned, with its pattern when it has one ("0.500 2:4"); "-" when not pruned."""
+    if "sparsity" not in layer:
+        return "-"
+    structure = layer.get("sparsity_structure", "unstructured")
+    return f"{layer['sparsity']:.3f}" + ("" if structure == "unstructured" else f" {structure}")
 
 
 @app.command("recipes")

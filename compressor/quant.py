@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .errors import BadInput
+from .sparse import bitmask_bits, effective_structure, pack_bitmask, unpack_bitmask, validate_mask
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -216,7 +217,15 @@ def col_index_bits(k: int) -> int:
 @dataclass
 class QWeight:
     """A quantized Linear weight: int8 codes plus grid, and optionally a sparse float16 residual (dense-and-
-    sparse). group_size is the effective one (-1: per channel)."""
+    sparse). group_size is the effective one (-1: per channel).
+
+    Pruned and quantized (`mask` set, True = kept): the codes of the pruned weights must be the grid's zero (the
+    zero point, or 0 when symmetric), so they dequantize to exactly 0 (checked whenever the weight is read or
+    written). The artifact then holds only the survivors' codes (our extension, DESIGN.md section 4):
+    `weight_bitmask` (uint8 [N, ceil(K/8)], sparse.pack_bitmask's bit order, the one of compressed-tensors'
+    sparse-bitmask) and `weight_packed_kept` (int32 [ceil(nnz*bits/32)]: the kept codes in row-major order, packed
+    like one row of weight_packed), beside the usual weight_scale / weight_zero_point / weight_shape. There is no
+    `weight_packed`, so a pack-quantized reader fails on the missing tensor instead of misreading codes."""
 
     q: Tensor  # (N, K) int8
     scale: Tensor  # (N, G)
@@ -225,6 +234,10 @@ class QWeight:
     group_size: int
     requested_group_size: int
     sparse: SparseResidual | None = None
+    mask: Tensor | None = None  # (N, K) bool, True = kept; None: not pruned
+    sparsity_structure: str = "unstructured"  # "unstructured", "2:4", "N:M" (a pruned weight's pattern)
+
+    MASKED_SUFFIXES = ("weight_bitmask", "weight_packed_kept")
 
     @property
     def symmetric(self) -> bool:
@@ -234,8 +247,44 @@ class QWeight:
     def shape(self) -> tuple[int, int]:
         return tuple(self.q.shape)  # type: ignore[return-value]
 
+    @property
+    def nnz(self) -> int:
+        """Kept weights (all of them when not pruned)."""
+        return self.q.numel() if self.mask is None else int(self.mask.sum())
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction pruned (0 when not pruned)."""
+        return 1.0 - self.nnz / max(self.q.numel(), 1)
+
+    def zero_codes(self) -> Tensor:
+        """(N, K) int8: the code that dequantizes to exactly 0 at each weight (the group's zero point, or 0)."""
+        if self.zero is None:
+            return torch.zeros_like(self.q)
+        return expand_groups(self.zero.to(self.q.device), self.shape[1]).to(self.q.dtype)
+
+    def check_mask(self) -> None:
+        """With a mask: raise ValueError unless every pruned weight has the zero code (and no sparse residual entry)."""
+        if self.mask is None:
+            return
+        validate_mask(self.mask, self.q.shape, self.sparsity_structure, "QWeight")
+        pruned = ~self.mask.to(self.q.device)
+        bad = int((pruned & (self.q != self.zero_codes())).sum())
+        if bad:
+            raise ValueError(f"QWeight: {bad} pruned weights have a code other than the grid's zero "
+                             f"({'0' if self.zero is None else 'the zero point'}), so they would not dequantize to 0")
+        if self.sparse is not None and self.sparse.nnz:
+            hit = int(pruned.reshape(-1)[self.sparse.idx.to(self.q.device)].sum())
+            if hit:
+                raise ValueError(f"QWeight: {hit} sparse residual entries sit on pruned weights")
+
+    def structure(self) -> str:
+        """The pruned weight's structure as written into the artifact (sparse.effective_structure)."""
+        return "unstructured" if self.mask is None else effective_structure(self.mask, self.sparsity_structure)
+
     def dequantize_dense(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The integer grid's weight alone (without the sparse residual)."""
+        self.check_mask()
         return dequantize(self.q, self.scale, self.zero, self.group_size, dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -243,9 +292,14 @@ class QWeight:
         return w if self.sparse is None else self.sparse.add_to(w).to(dtype)
 
     def storage_bits(self) -> int:
-        """Bits this weight takes on disk: packed codes, scales, packed zero points, the sparse residual."""
+        """Bits this weight takes on disk: packed codes (with a mask: the survivors' codes and the bitmask), scales,
+        packed zero points, the sparse residual. The int64 weight_shape is not counted."""
         n, k = self.shape
-        bits = n * math.ceil(k * self.bits / 32) * 32 + self.scale.numel() * self.scale.element_size() * 8
+        if self.mask is None:
+            bits = n * math.ceil(k * self.bits / 32) * 32
+        else:
+            bits = math.ceil(self.nnz * self.bits / 32) * 32 + bitmask_bits((n, k))
+        bits += self.scale.numel() * self.scale.element_size() * 8
         if self.zero is not None:
             bits += math.ceil(n * self.bits / 32) * 32 * self.zero.shape[1]
         if self.sparse is not None:
@@ -254,12 +308,17 @@ class QWeight:
 
     def to_tensors(self) -> dict[str, Tensor]:
         """The compressed-tensors pack-quantized tensors of this weight (names relative to the Linear), and the
-        sparse residual's CSR tensors (our extension, DESIGN.md section 4) when there is one."""
-        out = {
-            "weight_packed": pack_int32(self.q, self.bits),
-            "weight_scale": self.scale.contiguous(),
-            "weight_shape": torch.tensor(self.shape, dtype=torch.int64),
-        }
+        sparse residual's CSR tensors (our extension, DESIGN.md section 4) when there is one. With a mask, the codes
+        are written as weight_bitmask + weight_packed_kept instead of weight_packed (see the class)."""
+        if self.mask is None:
+            out = {"weight_packed": pack_int32(self.q, self.bits)}
+        else:
+            self.check_mask()
+            mask = self.mask.cpu()
+            kept = self.q.cpu()[mask].reshape(1, -1)  # (1, nnz), row-major
+            out = {"weight_bitmask": pack_bitmask(mask), "weight_packed_kept": pack_int32(kept, self.bits).reshape(-1)}
+        out["weight_scale"] = self.scale.contiguous()
+        out["weight_shape"] = torch.tensor(self.shape, dtype=torch.int64)
         if self.zero is not None:
             out["weight_zero_point"] = pack_int32(self.zero.t(), self.bits).t().contiguous()
         if self.sparse is not None:
@@ -330,15 +389,26 @@ def unpack_int32(packed: Tensor, bits: int, cols: int) -> Tensor:
 
 def qweight_from_tensors(t: dict[str, Tensor], bits: int, group_size: int) -> QWeight:
     """Read the pack-quantized tensors of one Linear (and its sparse residual) back into a QWeight
-    (group_size -1 for per channel)."""
+    (group_size -1 for per channel). A pruned one (weight_bitmask + weight_packed_kept) gets its mask back and
+    the grid's zero code at the pruned weights."""
     n, k = (int(x) for x in t["weight_shape"].tolist())
-    q = unpack_int32(t["weight_packed"], bits, k)
     scale = t["weight_scale"]
     zero = None
     if "weight_zero_point" in t:
         zero = unpack_int32(t["weight_zero_point"].t(), bits, n).t().contiguous()
     sparse = SparseResidual.from_tensors(t, k) if "weight_sparse_values" in t else None
-    return QWeight(q, scale, zero, bits, group_size, group_size, sparse)
+    if "weight_bitmask" not in t:
+        return QWeight(unpack_int32(t["weight_packed"], bits, k), scale, zero, bits, group_size, group_size, sparse)
+    mask = unpack_bitmask(t["weight_bitmask"], k)
+    nnz = int(mask.sum())
+    packed = t["weight_packed_kept"].reshape(1, -1)
+    if packed.shape[1] != math.ceil(nnz * bits / 32):
+        raise ValueError(f"weight_packed_kept has {packed.shape[1]} words, the bitmask keeps {nnz} {bits}-bit codes")
+    qw = QWeight(torch.zeros(n, k, dtype=torch.int8), scale, zero, bits, group_size, group_size, sparse, mask)
+    q = qw.zero_codes()
+    q[mask] = unpack_int32(packed, bits, nnz).reshape(-1)
+    qw.q = q
+    return qw
 
 
 def dequantize_packed(packed: Tensor, scale: Tensor, zero_packed: Tensor | None, shape: tuple[int, int], bits: int,

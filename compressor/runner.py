@@ -56,6 +56,9 @@ class BlockIO:
     targets: list[Tensor] | None = None  # per batch: the FP model's output of this block (FP inputs, FP
     # weights); kept only when a pass reconstructs the block output (adaround, flexround)
     assignment: dict[str, dict[str, Any]] = field(default_factory=dict)  # per layer: what the pass's plan chose
+    masks: dict[str, Any] = field(default_factory=dict)  # per layer pruned by an earlier pass of the recipe: its
+    # SparseWeight (.mask: the kept weights, .sparsity_structure), for a quantizer that keeps them at zero; the
+    # layer's weight is then its FP weight again (the quantizer applies the mask)
 
     @torch.no_grad()
     def forward(self, block: nn.Module) -> list[Tensor]:
@@ -336,18 +339,31 @@ def run_blocks(
         qweights: dict[str, QWeight] = {}
         layer_pass: dict[str, str] = {}
         layer_err: dict[str, float] = {}
+        fp_w: dict[str, Tensor] = {}  # each layer's FP weight, for its error after the last pass on it
         for spec, info in specs:
             layers = {f"{prefix}.{n}": m for n, m in block.named_modules()
                       if isinstance(m, nn.Linear) and spec.selects(f"{prefix}.{n}")}
+            masks = {}
             for name in layers:
-                if name in layer_pass:
+                if name not in layer_pass:
+                    continue
+                if get_pass(layer_pass[name]).masks == "makes" and info.masks == "keeps":
+                    masks[name] = qweights[name]  # pruned, now quantized: the quantizer keeps the zeros
+                elif get_pass(layer_pass[name]).masks == "makes":
+                    raise BadInput(f"layer {name} is pruned by {layer_pass[name]}, and {spec.name} cannot keep "
+                                   "pruned weights at zero; quantize pruned layers with rtn or gptq")
+                else:
                     raise BadInput(f"layer {name} is selected by two passes ({layer_pass[name]} and {spec.name}); "
                                    "narrow their targets")
             if not layers:
                 continue
             io.layers = layers
             io.assignment = spec.assignment
-            fp_w = {n: m.weight.data.clone() for n, m in layers.items()}
+            io.masks = masks
+            for n, m in layers.items():
+                fp_w.setdefault(n, m.weight.data.clone())
+            for n in masks:  # the quantizer starts from the FP weight and the mask (GPTQ then compensates the
+                layers[n].weight.data = fp_w[n].clone()  # pruning error too, as SparseGPT does)
             result = info.fn(block, io, spec.config, ctx)
             for name, qw in result.items():
                 layers[name].weight.data = qw.dequantize(layers[name].weight.dtype)  # hand on what the loader sees

@@ -7,6 +7,8 @@ A block pass may also have model-level stages around its blocks (ReQuant has bot
   pass's `assignment`, written into the artifact's recipe.yaml (a recipe that carries one skips the plan);
 - `finish(FinishInput) -> None`: runs after every block, with all blocks' results in memory and the whole FP
   model loaded, and may change the results before anything is written.
+A layer is compressed by one pass, except that a pruning pass (masks="makes") may be followed on the same
+layers by a quantizer that keeps its masks (masks="keeps": rtn, gptq); the quantizer finds them in io.masks.
 """
 from __future__ import annotations
 
@@ -56,6 +58,8 @@ class PassInfo:
     finish: Callable[..., None] | None = None
     needs: Callable[[Any], tuple[bool, bool]] | None = None  # (needs_data, needs_targets) by config, when
     # they depend on it (ReQuant's depend on its base pass)
+    masks: Literal["makes", "keeps"] | None = None  # "makes": the pass prunes (its results are SparseWeight);
+    # "keeps": a quantizer that, after a pruning pass on the same layers, keeps the pruned weights at zero
 
     def data_needs(self, cfg: Any) -> tuple[bool, bool]:
         """(needs_data, needs_targets) of the block stage under this config."""
@@ -70,7 +74,8 @@ PASSES: dict[str, PassInfo] = {}
 
 def register_pass(name: str, config: type[PassConfig], kind: Literal["block", "planner"] = "block",
                   needs_data: bool = True, needs_targets: bool = False, plan: Callable | None = None,
-                  finish: Callable | None = None, needs: Callable | None = None):
+                  finish: Callable | None = None, needs: Callable | None = None,
+                  masks: Literal["makes", "keeps"] | None = None):
     """Decorator: register `fn` under `name`. A second registration of a name is an error."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -78,7 +83,7 @@ def register_pass(name: str, config: type[PassConfig], kind: Literal["block", "p
             raise ValueError(f"pass {name!r} is already registered (by {PASSES[name].fn.__module__})")
         doc = (fn.__doc__ or "").strip().splitlines()
         PASSES[name] = PassInfo(name, config, fn, kind, needs_data or needs_targets, needs_targets,
-                                 doc[0] if doc else "", plan, finish, needs)
+                                 doc[0] if doc else "", plan, finish, needs, masks)
         return fn
 
     return wrap
@@ -103,4 +108,4 @@ def get_pass(name: str) -> PassInfo:
 
 
 # Registration happens on import; the list of shipped passes lives here and nowhere else.
-from . import adaround, flexround, gptq, requant, rtn  # noqa: E402,F401
+from . import adaround, flexround, gptq, prune, requant, rtn  # noqa: E402,F401
