@@ -22,19 +22,15 @@ import argparse
 import hashlib
 import importlib.util
 import json
-import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from quality import DATA, run, stored_bits_per_weight, write_record  # noqa: E402
+from quality import DATA, common_args, machine, run, stored_bits_per_weight, write_record  # noqa: E402
 
 ROWS = {"w4-ch": (4, -1), "w3-g64": (3, 64), "minilm-w4-ch": (4, -1), "w4-g64": (4, 64), "w2-g64": (2, 64)}
 METHODS = {"rtn": {"mse": False}, "gptq": {"mse": True, "refit_scales": True}, "adaround": {}, "flexround": {}}
@@ -93,9 +89,7 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--samples", type=int, default=64)
-    ap.add_argument("--eval-tokens", type=int, default=16384)
-    ap.add_argument("--work", type=Path, default=Path(os.environ.get("COMPRESSOR_CACHE", Path.home() / ".cache/compressor")) / "bench" / "learned")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    common_args(ap, "learned")
     ap.add_argument("--table", action="store_true", help="only rewrite the markdown from the results JSON")
     a = ap.parse_args()
     if a.table:
@@ -160,8 +154,7 @@ def write_results(a: argparse.Namespace, results: list[dict]) -> None:
         "calibration": {"files": [f.name for f in CALIB], "samples": a.samples, "seq_len": {"decoder": 512, "encoder": 128},
                         "seed": 0},
         "evaluation": {"file": EVAL.name, "max_tokens": a.eval_tokens, "seq_len": {"decoder": 512, "encoder": 128}},
-        "machine": {"nproc": os.cpu_count(), "cores_used": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "python": platform.python_version()},
+        "machine": machine(),
         "results": results,
     }
     if a.table:  # nothing ran: keep the machine the rows ran on

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -29,7 +27,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from quality import DATA, write_record  # noqa: E402
+from quality import DATA, common_args, machine, write_record  # noqa: E402
 
 CALIB = DATA / "emma.txt"
 EVAL = DATA / "persuasion.txt"
@@ -137,9 +135,7 @@ def main() -> None:
     ap.add_argument("--curve-windows", type=int, default=4)
     ap.add_argument("--curve-len", type=int, default=128)
     ap.add_argument("--trials", type=int, default=16)
-    ap.add_argument("--eval-tokens", type=int, default=16384)
-    ap.add_argument("--work", type=Path, default=Path(os.environ.get("COMPRESSOR_CACHE", Path.home() / ".cache/compressor")) / "bench" / "pruning")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    common_args(ap, "pruning")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     (a.work / "recipes").mkdir(exist_ok=True)
@@ -191,8 +187,7 @@ def main() -> None:
         "base_perplexity": base["quality"]["perplexity"],
         "curves": [{k: c[k] for k in ("structure", "levels", "seconds", "additivity_seconds", "tokens")} for c in all_curves],
         "additivity": stats, "results": rows,
-        "machine": {"nproc": os.cpu_count(), "cores_used": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "python": platform.python_version()},
+        "machine": machine(),
     }
     lines = ["| target | allocation | perplexity | KL to base | layer sparsity | bits/weight | compress s | DP solve s |",
              "|---|---|---|---|---|---|---|---|"]

@@ -87,9 +87,7 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--eval-tokens", type=int, default=16384)
-    ap.add_argument("--work", type=Path, default=Path(os.environ.get("COMPRESSOR_CACHE", Path.home() / ".cache/compressor")) / "bench" / "quality")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    common_args(ap, "quality")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     src = resolve_model("demo")
@@ -154,8 +152,7 @@ def write_results(a: argparse.Namespace, cal_info: dict, ev: torch.Tensor, resul
         "calibration": {"file": "emma.txt", "samples": a.samples, "seq_len": a.seq_len, "seed": 0,
                         "windows_sha256": cal_info["windows_sha256"]},
         "evaluation": {"file": "persuasion.txt", "tokens": int(ev.numel()), "windows": int(ev.shape[0]), "seq_len": 512},
-        "machine": {"nproc": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
+        "machine": {**machine(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
         "results": results,
     }
     lines = ["| config | tool | method | bits/weight | perplexity | KL to base | compress s |", "|---|---|---|---|---|---|---|"]
@@ -167,6 +164,19 @@ def write_results(a: argparse.Namespace, cal_info: dict, ev: torch.Tensor, resul
           f"of emma.txt (seed 0); evaluation {ev.numel()} tokens of persuasion.txt in windows of 512.\n"
           f"Command: `python bench/quality.py`\n\n" + "\n".join(lines) + "\n")
     write_record(a.out, "quality", record, md)
+
+
+def common_args(ap: argparse.ArgumentParser, name: str) -> None:
+    """The options every quality benchmark has: evaluation tokens, the run cache (--work) and the results folder."""
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("COMPRESSOR_CACHE", Path.home() / ".cache/compressor")) / "bench" / name)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+
+
+def machine() -> dict:
+    """Where a benchmark ran: cores of the machine, cores this process may use, torch threads, versions."""
+    return {"nproc": os.cpu_count(), "cores_used": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
 
 
 def write_record(out: Path, stem: str, record: dict, md: str) -> None:

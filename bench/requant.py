@@ -29,18 +29,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from quality import DATA, write_record  # noqa: E402
+from quality import DATA, common_args, machine, write_record  # noqa: E402
 
 ROWS = {"w3-g64": (3, 64), "w2-g64": (2, 64)}
 CALIB = [DATA / "emma.txt", DATA / "mansfieldpark.txt"]
@@ -117,12 +113,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--reuse", type=Path, help="a demo sweep directory (same calibration and evaluation) whose "
                     "finished runs of the shipped recipes are linked in instead of redone")
     ap.add_argument("--no-sensitivity", action="store_true")
-    ap.add_argument("--work", type=Path, default=Path(os.environ.get("COMPRESSOR_CACHE", Path.home() / ".cache/compressor")) / "bench" / "requant")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    common_args(ap, "requant")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     for v in a.variants.split(","):
@@ -175,8 +169,7 @@ def write_results(a: argparse.Namespace, results: list[dict], sens: dict | None)
         "calibration": {"files": [f.name for f in CALIB], "samples": 128, "seq_len": 512, "seed": 0},
         "evaluation": {"file": "persuasion.txt", "max_tokens": a.eval_tokens, "seq_len": 512},
         "budget": BUDGET,
-        "machine": {"nproc": os.cpu_count(), "cores_used": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "python": platform.python_version()},
+        "machine": machine(),
         "results": results,
         "sensitivity": sens,
     }

@@ -1,7 +1,6 @@
 """The public API: compress(), load(), evaluate(). The CLI is a thin layer over these."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -388,6 +387,7 @@ def generate(target: str, prompt: str, max_new_tokens: int = 64, device: str = "
     """`compress generate`: greedy continuation of `prompt` by a decoder (artifact or any model reference), with
     the decoding speed. On a GPU an artifact's QuantLinear layers run the CUDA kernels (batch 1: the fused
     dequant-matmul); on the CPU the weights are dequantized once (the same numbers, faster than per token)."""
+    from . import ops
     from .models import is_causal_lm
     from .modules import dequantize_model
 
