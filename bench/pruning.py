@@ -99,6 +99,7 @@ def additivity_plot(recs: list[dict], out: Path) -> dict:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(5, 4.5))
     stats = {}
@@ -114,6 +115,8 @@ def additivity_plot(recs: list[dict], out: Path) -> dict:
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="joint = summed")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):  # the minor log ticks' labels overlap: decades only
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("sum of single-layer distortions")
     ax.set_ylabel("joint distortion (all layers pruned at once)")
     ax.set_title("Additivity of the output distortion (demo)")
@@ -138,6 +141,7 @@ def main() -> None:
     common_args(ap, "pruning")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
+    a.out.mkdir(parents=True, exist_ok=True)
     (a.work / "recipes").mkdir(exist_ok=True)
     methods = a.methods.split(",")
     state: dict = {}
