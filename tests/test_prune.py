@@ -213,40 +213,60 @@ def _prune_recipe(tmp_path, allocation: str, then_gptq: bool = False) -> str:
     return str(f)
 
 
-def test_dp_allocation_beats_uniform_on_held_out_text(tmp_path, demo_path, persuasion):
-    """On the demo model, DP's allocation of 60% over 12 MLP layers has a lower held-out perplexity (Persuasion,
-    1024 tokens) than the same sparsity in every layer, and the artifact holds exactly the planned sparsity."""
+@pytest.fixture(scope="module")
+def uniform_pruned(tmp_path_factory, demo_path, persuasion):
+    """The uniform 60% artifact and its held-out perplexity (both end-to-end tests compare with it)."""
+    import compressor
+    from compressor.api import evaluate
+
+    tmp = tmp_path_factory.mktemp("uniform")
+    out = tmp / "uniform"
+    compressor.compress("demo", _prune_recipe(tmp, "uniform"), out, calib=[NORTHANGER], device="cpu")
+    return out, evaluate(str(out), [persuasion], max_tokens=1024, seq_len=256, device="cpu")["perplexity"]
+
+
+def _check_plan(out, target: float) -> dict:
+    """The artifact holds the planned sparsity: every planned layer, at least `target` overall, and the loaded
+    weights zero in the planned fraction."""
     import json
 
     import yaml
 
     import compressor
+
+    meta = json.loads((out / "compression.json").read_text())
+    plan = yaml.safe_load((out / "recipe.yaml").read_text())["passes"][0]["assignment"]
+    assert len(plan) == 12 and set(plan) == set(meta["layers"])
+    size = {n: v["shape"][0] * v["shape"][1] for n, v in meta["layers"].items()}
+    assert sum(meta["layers"][n]["sparsity"] * size[n] for n in plan) / sum(size.values()) >= target - 1e-3
+    model = compressor.load(out)
+    for n, s in plan.items():
+        w = model.get_submodule(n).weight
+        assert float((w == 0).float().mean()) == pytest.approx(s["sparsity"], abs=2e-3)
+    return plan
+
+
+def test_dp_allocation_beats_uniform_on_held_out_text(tmp_path, demo_path, persuasion, uniform_pruned):
+    """On the demo model, DP's allocation of 60% over 12 MLP layers has a lower held-out perplexity (Persuasion,
+    1024 tokens) than the same sparsity in every layer, and the artifact holds exactly the planned sparsity.
+    Measured (2048 tokens): base 45.16, DP 61.24, uniform 133.48."""
+    import compressor
     from compressor.api import evaluate
 
-    ppl = {}
-    for alloc in ("uniform", "dp"):
-        out = tmp_path / alloc
-        compressor.compress("demo", _prune_recipe(tmp_path, alloc), out, calib=[NORTHANGER], device="cpu")
-        meta = json.loads((out / "compression.json").read_text())
-        plan = yaml.safe_load((out / "recipe.yaml").read_text())["passes"][0]["assignment"]
-        assert len(plan) == 12 and set(plan) == set(meta["layers"])
-        pruned = sum(meta["layers"][n]["sparsity"] * meta["layers"][n]["shape"][0] * meta["layers"][n]["shape"][1]
-                     for n in plan)
-        total = sum(v["shape"][0] * v["shape"][1] for v in meta["layers"].values())
-        assert pruned / total >= 0.6 - 1e-3
-        model = compressor.load(out)
-        for n, s in plan.items():
-            w = model.get_submodule(n).weight
-            assert float((w == 0).float().mean()) == pytest.approx(s["sparsity"], abs=2e-3)
-        ppl[alloc] = evaluate(str(out), [persuasion], max_tokens=1024, seq_len=256, device="cpu")["perplexity"]
+    out = tmp_path / "dp"
+    compressor.compress("demo", _prune_recipe(tmp_path, "dp"), out, calib=[NORTHANGER], device="cpu")
+    plan = _check_plan(out, 0.6)
+    assert len({v["sparsity"] for v in plan.values()}) > 1
+    _check_plan(uniform_pruned[0], 0.6)
+    ppl = {"dp": evaluate(str(out), [persuasion], max_tokens=1024, seq_len=256, device="cpu")["perplexity"],
+           "uniform": uniform_pruned[1]}
     base = evaluate("demo", [persuasion], max_tokens=1024, seq_len=256, device="cpu")["perplexity"]
-    print(f"perplexity: base {base:.3f}, uniform {ppl['uniform']:.3f}, dp {ppl['dp']:.3f}")
-    assert base < ppl["dp"] < ppl["uniform"], (base, ppl)
+    assert base < ppl["dp"] < 0.8 * ppl["uniform"], (base, ppl)
 
 
-def test_prune_then_gptq_keeps_the_zeros(tmp_path, demo_path, persuasion):
-    """prune (uniform 60%) then GPTQ W4 on the same layers: the loaded weights are exactly 0 where pruned, the
-    artifact is smaller than the unpruned W4 one, and perplexity stays within 10% of pruning alone."""
+def test_prune_then_gptq_keeps_the_zeros(tmp_path, demo_path, persuasion, uniform_pruned):
+    """prune (uniform 60%) then GPTQ W4 on the same layers: the loaded weights are exactly 0 where pruned, each
+    layer under 4 bits per weight, and perplexity within 10% of pruning alone."""
     import json
 
     import compressor
@@ -263,7 +283,4 @@ def test_prune_then_gptq_keeps_the_zeros(tmp_path, demo_path, persuasion):
     w = model.get_submodule("model.layers.2.mlp.up_proj").dequantized_weight(torch.float32)
     assert 0.6 - 1e-3 <= float((w == 0).float().mean()) < 0.62  # the pruned, and survivors that round to 0
     q = evaluate(str(out), [persuasion], max_tokens=1024, seq_len=256, device="cpu")["perplexity"]
-    out2 = tmp_path / "p"
-    compressor.compress("demo", _prune_recipe(tmp_path, "uniform"), out2, calib=[NORTHANGER], device="cpu")
-    p = evaluate(str(out2), [persuasion], max_tokens=1024, seq_len=256, device="cpu")["perplexity"]
-    assert q < 1.1 * p, (q, p)
+    assert q < 1.1 * uniform_pruned[1], (q, uniform_pruned[1])
