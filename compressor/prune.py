@@ -347,12 +347,3 @@ def allocate_sparsity(method: str, sparsity: float, sizes: dict[str, int], *, we
         assert levels is not None
         alloc = snap_to_levels(alloc, sizes, levels, sparsity)
     return alloc
-
-
-def check_budget(alloc: dict[str, float], sizes: dict[str, int], sparsity: float, structure: str) -> float:
-    got = achieved_sparsity(alloc, sizes, structure)
-    if got + 1e-3 < sparsity:
-        raise AssertionError(f"allocation reaches {got:.4f}, below the target {sparsity}")
-    return got
-
-

@@ -54,7 +54,7 @@ class PruneConfig(PassConfig):
 
 def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
     """The per-layer sparsity (see the module docstring)."""
-    from ..models import materialize, release
+    from ..models import find_blocks, materialize, release
 
     cfg: PruneConfig = inp.spec.config  # type: ignore[assignment]
     ctx = inp.ctx
@@ -80,8 +80,9 @@ def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
     else:
         materialize(inp.model, "", inp.ckpt, ctx.device)
         try:
+            blocks_prefix = find_blocks(inp.model)[0] + "."  # found once, not per module
             layers = {n: m for n, m in inp.model.named_modules() if isinstance(m, nn.Linear) and inp.spec.selects(n)
-                      and _in_blocks(inp.model, n)}
+                      and n.startswith(blocks_prefix)}
             if not layers:
                 raise BadInput("prune: the recipe's targets select no Linear layer")
             sizes = {n: m.weight.numel() for n, m in layers.items()}
@@ -103,13 +104,6 @@ def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
             f"{len(alloc)} layers (per layer {min(alloc.values()):.3f}..{max(alloc.values()):.3f}) in "
             f"{time.perf_counter() - t0:.1f} s")
     return {n: {"sparsity": round(float(s), 6)} for n, s in alloc.items()}
-
-
-def _in_blocks(model: nn.Module, name: str) -> bool:
-    from ..models import find_blocks
-
-    prefix, _ = find_blocks(model)
-    return name.startswith(prefix + ".")
 
 
 def _block_of(model: nn.Module):
