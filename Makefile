@@ -27,4 +27,4 @@ demo: setup
 	$(BIN)/compress inspect $(OUT)
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile

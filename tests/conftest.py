@@ -14,6 +14,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 AUSTEN = ROOT.parent / "shared" / "data" / "austen"
 
+# `make test` runs the suite on every core (pytest-xdist, one process per core). Each worker and the CLI
+# processes it starts then use one torch thread: two workers with two OpenMP threads each on two cores ran
+# 3-4x slower than one thread each (measured with the benches, bench/learned.py's docstring).
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 def run_cli(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """`compress ARGS...` in a subprocess: (returncode, stdout, stderr)."""
@@ -67,14 +75,31 @@ def tiny_llama(tmp_path_factory) -> Path:
     return path
 
 
+def shared_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(path)` once per test run, even across xdist workers (they share the parent of their base temp
+    folders; a file lock makes the others wait and reuse it). Returns the path."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if WORKER else root
+    out, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
+            build(out)
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def demo_w4_artifact(tmp_path_factory, demo_path) -> Path:
     """The demo model through w4-gptq on 4 windows of 64 tokens (symmetric: transformers opens it)."""
-    out = tmp_path_factory.mktemp("art") / "demo-w4"
-    r = run_cli("model", "demo", "--recipe", "w4-gptq", "--out", str(out), "--samples", "4", "--seq-len", "64", "--json")
-    assert r.returncode == 0, r.stderr[-3000:]
-    json.loads(r.stdout)
-    return out
+    def build(out: Path) -> None:
+        r = run_cli("model", "demo", "--recipe", "w4-gptq", "--out", str(out), "--samples", "4", "--seq-len", "64",
+                    "--json", "--force")
+        assert r.returncode == 0, r.stderr[-3000:]
+        json.loads(r.stdout)
+
+    return shared_once(tmp_path_factory, "demo-w4", build)
 
 
 def demo_block(demo_path: Path, index: int, windows: int, seq_len: int, batch: int):
