@@ -91,6 +91,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64)
     common_args(ap, "learned")
     ap.add_argument("--table", action="store_true", help="only rewrite the markdown from the results JSON")
+    ap.add_argument("--note", help="a footnote for every row this invocation measures (e.g. what else ran "
+                    "on the machine, which makes its compress seconds contended)")
     a = ap.parse_args()
     if a.table:
         return write_results(a, [])
@@ -131,7 +133,7 @@ def main() -> None:
                             "perplexity": res.get("perplexity"), "kl_to_base": res.get("kl_to_base"),
                             "cosine_similarity": res.get("cosine_similarity"),
                             "compress_seconds": round(json.loads(meta.read_text())["seconds"], 1),
-                            "recipe_sha": recipe_sha(recipe)})
+                            "recipe_sha": recipe_sha(recipe), **({"run_note": a.note} if a.note else {})})
             write_results(a, results)
 
 
@@ -175,6 +177,10 @@ def write_results(a: argparse.Namespace, results: list[dict]) -> None:
                 notes.append(f"{r['row']} {r['method']}: " + r.get("note", "measured under other pass defaults "
                                                                   "than the current ones; rerun it to refresh"))
                 mark = f" [{len(notes)}]"
+        if r.get("run_note"):  # one footnote for the rows of one invocation
+            if r["run_note"] not in notes:
+                notes.append(r["run_note"])
+            mark += f" [{notes.index(r['run_note']) + 1}]"
         lines.append(f"| {r['row']} | {r['method']}{mark} | {r['bits_per_weight']:.3f} | {f(r['perplexity'], '.3f')} | "
                      f"{f(r['kl_to_base'], '.4f')} | {f(r['cosine_similarity'], '.5f')} | {f(r['compress_seconds'], '.0f')} |")
     lines += [""] + [f"[{i}] {n}" for i, n in enumerate(notes, 1)] if notes else []
