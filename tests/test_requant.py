@@ -145,6 +145,61 @@ def test_pqi_converges_to_the_measured_loss_change():
     assert torch.equal(model.fc1.weight, w0["fc1"])  # taylor leaves the weights at w0
 
 
+def _detach_case(monkeypatch=None, harmful=False, frac=0.02, bits=2):
+    """TinyLM quantized by RTN (every Linear, group 8), then requant's finish (the significant-weight detach by
+    PQI, `frac` of the weights in 2 steps) on 6 windows; with `harmful` each restore writes w0 + 10 instead of
+    w0. Returns (results, log lines, calibration loss before, after)."""
+    from compressor.passes import requant as rq
+    from compressor.recipe import PassSpec
+    from compressor.runner import Context, FinishInput
+
+    model = TinyLM()
+    windows = torch.randint(0, 50, (6, 20), generator=torch.Generator().manual_seed(5))
+    cfg = rq.RequantConfig(bits=bits, group_size=8, outlier_fraction=0.0, significant_fraction=frac, steps=2,
+                           intervals=4, pqi_samples=6)
+    results = {n: quantize_rtn(model.get_submodule(n).weight.data, bits, 8, False, torch.float16)
+               for n in ("fc1", "fc2")}
+    if harmful:
+        real = rq._restore
+        monkeypatch.setattr(rq, "_restore", lambda qw, w0, mask: real(qw, w0 + 10.0, mask))
+    logs = []
+    w0 = {n: model.get_submodule(n).weight.detach().clone() for n in results}
+
+    def loss_with(res):
+        with torch.no_grad():
+            for n, qw in res.items():
+                model.get_submodule(n).weight.data = qw.dequantize().float()
+            f = pqi.loss(model, windows)
+            for n in res:
+                model.get_submodule(n).weight.data = w0[n].clone()
+        return f
+
+    f0 = loss_with(results)
+    rq.finish(FinishInput(model, windows, PassSpec(name="requant", config=cfg), Context(log=logs.append), results))
+    return results, logs, f0, loss_with(results)
+
+
+def test_detach_steps_lower_the_calibration_loss():
+    """The real restores on RTN W3, 0.5% in two steps: both are kept, each lowers F (measured 3.91519 -> 3.91379
+    -> 3.91347), and the residual holds them all. (At W2 on this random model the first step already raises F:
+    the next test's guard undoes it.)"""
+    results, logs, f0, f1 = _detach_case(frac=0.005, bits=3)
+    kept = [line for line in logs if "calibration loss" in line and "undone" not in line]
+    assert len(kept) == 2 and f1 < f0, (logs, f0, f1)
+    total = sum(qw.q.numel() for qw in results.values())
+    assert sum(qw.sparse.nnz for qw in results.values() if qw.sparse is not None) == 2 * round(0.005 * total / 2)
+
+
+def test_detach_step_that_raises_the_loss_is_undone(monkeypatch):
+    """Restores that make the model worse (values off by 0.5) are undone at the first step and the detach
+    stops: the weights are RTN's, unchanged, and the log says why."""
+    results, logs, f0, f1 = _detach_case(monkeypatch, harmful=True)
+    assert all(qw.sparse is None for qw in results.values())
+    assert f1 == f0
+    assert any("raises the calibration loss" in line and "undone" in line for line in logs), logs
+    assert not any("step 2/2" in line for line in logs), logs
+
+
 def test_top_global_picks_highest_and_skips_excluded():
     scores = {"a": torch.tensor([[1.0, 9.0], [3.0, 2.0]]), "b": torch.tensor([[8.0, 0.5]])}
     excl = {"a": torch.tensor([[False, True], [False, False]])}
