@@ -147,15 +147,19 @@ def finish(inp: "FinishInput") -> None:
     gen = torch.Generator().manual_seed(ctx.seed)
     fisher = None
 
-    def loss_of(results: dict[str, QWeight]) -> float:
-        """The calibration loss (the F that PQI integrates, on the same windows) with these weights."""
-        pqi.set_weights(params, w0, {n: results[n].dequantize().to(w0[n].device) - w0[n] for n in params}, 1.0)
+    def delta() -> dict[str, Tensor]:
+        """dw: the current quantized weights (dense + residual) minus the FP ones."""
+        return {n: inp.results[n].dequantize().to(w0[n].device) - w0[n] for n in params}
+
+    def loss_at(dw: dict[str, Tensor]) -> float:
+        """The calibration loss (the F that PQI integrates, on the same windows) at w0 + dw."""
+        pqi.set_weights(params, w0, dw, 1.0)
         return pqi.loss(model, windows)
 
     try:
-        f_prev = loss_of(inp.results)
+        dw = delta()
+        f_prev = loss_at(dw)
         for step in range(cfg.steps):
-            dw = {n: inp.results[n].dequantize().to(w0[n].device) - w0[n] for n in params}
             held = {n: _held_mask(inp.results[n]) for n in params}
             if cfg.selection == "pqi":  # |c_i|: ranking by signed c_i overshoots (see the module docstring)
                 scores = {n: c.abs_() for n, c in pqi.pqi(
@@ -175,7 +179,8 @@ def finish(inp: "FinishInput") -> None:
             for n in before:
                 inp.results[n] = _restore(inp.results[n], w0[n].cpu(), chosen[n])
             restored = sum(int(m.sum()) for m in chosen.values())
-            f_new = loss_of(inp.results)
+            dw_new = delta()
+            f_new = loss_at(dw_new)
             if f_new >= f_prev:  # the step would make the model worse on the data it was chosen on: undo, stop
                 for n, sp in before.items():
                     inp.results[n].sparse = sp
@@ -184,7 +189,7 @@ def finish(inp: "FinishInput") -> None:
                 break
             ctx.log(f"requant detach step {step + 1}/{cfg.steps}: restored {restored} weights chosen by "
                     f"{cfg.selection}; calibration loss {f_prev:.5f} -> {f_new:.5f}")
-            f_prev = f_new
+            f_prev, dw = f_new, dw_new
     finally:
         pqi.set_weights(params, w0, {n: torch.zeros_like(w) for n, w in w0.items()}, 0.0)  # the FP model again
         for p, flag in frozen:
