@@ -20,6 +20,10 @@ from .passes import get_pass
 from .quant import QWeight
 from .recipe import PassSpec, Recipe
 
+# The block-output error reported per block (the FP block against the compressed one, on the same compressed
+# inputs) is measured on the first this many calibration windows: it is a diagnostic, and on every window it
+# cost a whole extra forward of the block (a tenth of a FlexRound block's time at 128 windows).
+DIAGNOSTIC_WINDOWS = 16
 
 @dataclass
 class Context:
@@ -141,6 +145,17 @@ def run_on_block_device(block: nn.Module, x: Tensor, kw: dict[str, Any]) -> Any:
     """block(x, **kw) with the batch moved to the block's device (the cache may live on the CPU)."""
     dev = next(block.parameters()).device
     return block(x.to(dev), **{k: to_device(v, dev) for k, v in kw.items()})
+
+
+def _first_windows(batches: list[Tensor], n: int) -> list[Tensor]:
+    """The leading cached batches that hold at least `n` windows (all of them when there are fewer)."""
+    out, count = [], 0
+    for x in batches:
+        if count >= n:
+            break
+        out.append(x)
+        count += x.shape[0]
+    return out
 
 
 def rel_sq_err(ys: list[Tensor], ts: list[Tensor]) -> float:
@@ -333,7 +348,10 @@ def run_blocks(
         prefix = f"{blocks_prefix}.{i}"
         materialize(model, prefix, ckpt, ctx.device)
         io = BlockIO(prefix, inputs, kwargs, {})
-        fp_out = io.forward(block) if needs_data else []
+        if needs_targets and fp_inputs is inputs:  # block 0: the FP block's output is the target too
+            fp_out = io.forward(block)
+        else:  # only the block-output error reads it: the first DIAGNOSTIC_WINDOWS windows are enough
+            fp_out = io.forward_on(block, _first_windows(inputs, DIAGNOSTIC_WINDOWS)) if needs_data else []
         if needs_targets:  # the FP block on the FP model's inputs: the target, and the next FP input
             io.targets = fp_out if fp_inputs is inputs else io.forward_on(block, fp_inputs)
         qweights: dict[str, QWeight] = {}
@@ -373,7 +391,7 @@ def run_blocks(
         out_err = None
         if needs_data:
             q_out = io.forward(block)
-            out_err = rel_sq_err(q_out, fp_out)
+            out_err = rel_sq_err(q_out[: len(fp_out)], fp_out)
             inputs = q_out
             if needs_targets:
                 fp_inputs = io.targets

@@ -75,15 +75,19 @@ class AdaRoundWeight(LearnedWeight):
         x = w.float() / self.s
         self.register_buffer("floor", torch.floor(x))
         self.v = nn.Parameter(init_v(x - self.floor))
+        self.last_h: Tensor | None = None  # h(V) of the last soft(), with its graph
 
     def h(self) -> Tensor:
         return rectified_sigmoid(self.v)
 
     def soft(self) -> Tensor:
-        return (torch.clamp(self.floor + self.h() + self.z, self.qmin, self.qmax) - self.z) * self.s
+        self.last_h = self.h()  # this step's regulariser reads it (one sigmoid per step, not two)
+        return (torch.clamp(self.floor + self.last_h + self.z, self.qmin, self.qmax) - self.z) * self.s
 
-    def regularizer_sum(self, beta: float) -> Tensor:
-        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+    def regularizer_sum(self, beta: float, h: Tensor | None = None) -> Tensor:
+        """sum(1 - |2h - 1|^beta), of `h` (default: h(V) now)."""
+        h = self.h() if h is None else h
+        return (1 - (2 * h - 1).abs().pow(beta)).sum()
 
     @torch.no_grad()
     def hard_grid(self) -> QWeight:
@@ -102,7 +106,8 @@ def adaround(block: nn.Module, io: "BlockIO", cfg: AdaRoundConfig, ctx: "Context
             beta = beta_schedule(step, cfg.iters, cfg.warmup, cfg.beta_start, cfg.beta_end)
             if beta is None or cfg.reg_weight == 0:
                 return None
-            return cfg.reg_weight * sum(q.regularizer_sum(beta) for q in quants.values()) / count
+            # called after the step's soft weights (reconstruct), so each quantizer's last h is this step's
+            return cfg.reg_weight * sum(q.regularizer_sum(beta, q.last_h) for q in quants.values()) / count
 
         return regularizer
 

@@ -156,7 +156,8 @@ def reconstruct(
     local = {name: name[len(io.prefix) + 1 :] + ".weight" for name in quantizers}
     dtypes = {name: io.layers[name].weight.dtype for name in quantizers}
     params = [p for q in quantizers.values() for p in q.parameters()]
-    opt = torch.optim.Adam(params, lr=lr)
+    # fused: one kernel over all the parameters instead of a dozen elementwise passes each (CPU and CUDA)
+    opt = torch.optim.Adam(params, lr=lr, fused=all(p.device.type in ("cpu", "cuda") for p in params))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, iters, 1.0, 0.0)) if lr_decay else None
     gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + zlib.crc32(io.prefix.encode()))
     sizes = torch.tensor([x.shape[0] for x in io.inputs], dtype=torch.float)
