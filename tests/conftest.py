@@ -23,6 +23,20 @@ if WORKER:
     torch.set_num_threads(1)
 
 
+SHARED_FIXTURES = ("demo_w4_artifact",)  # built once across workers (shared_once): the others wait for it
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that need a shared fixture run last in their file, the file order and the order otherwise kept: under
+    xdist the worker that does not build it then waits only when it has nothing else left (the demo W4 artifact
+    takes minutes on one core, and the second worker to ask for it used to sit idle all that time)."""
+    files: dict[str, int] = {}
+    for item in items:
+        files.setdefault(str(item.path), len(files))
+    items[:] = sorted(items, key=lambda item: (files[str(item.path)],
+                                               any(f in getattr(item, "fixturenames", ()) for f in SHARED_FIXTURES)))
+
+
 def run_cli(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """`compress ARGS...` in a subprocess: (returncode, stdout, stderr)."""
     return subprocess.run([sys.executable, "-m", "compressor.cli", *args], capture_output=True, text=True,
