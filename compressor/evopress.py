@@ -1,0 +1,262 @@
+"""EvoPress (Sieberling et al. 2024, "EvoPress: Towards Optimal Dynamic Model Compression via Evolutionary
+Search"): per-layer compression levels under a global budget, found by a (1 + lambda) evolution.
+
+- `LevelSpace`: every target layer has the same ordered levels (bits 2..6, ...), equally spaced, and layers
+  are grouped by size; a *level switch* raises one layer of a group one level and lowers another of the same
+  group one level, so the budget (total bits over all weights) is preserved exactly.
+- `initial_state`: the uniform assignment nearest the target (a non-integer target, e.g. 2.5 bits, mixes the two
+  neighbouring levels inside every size group), `mutate`: min(U{1,3}, U{1,3}) switches.
+- `evolve`: each generation draws `offspring` distinct mutants of the parent, then selects in stages: each stage
+  scores the survivors on a fresh random minibatch (more tokens each stage) and keeps the best few; the parent
+  competes in the last stage. The fitness is any callable (state, stage, rng) -> float, lower is better.
+- `Database`: every layer's compressed variant at every level (dequantized, float16), on disk under one
+  directory (one safetensors file per layer), built block by block and reused across searches when the model,
+  candidate pass, settings and calibration are the same.
+- `KLFitness`: KL(dense || compressed) of the next-token distributions on calibration windows, the dense
+  side's top-k probabilities computed once (the rest of the vocabulary lumped into one bucket, so the value is
+  the KL of the coarsened distributions, a lower bound of the full one).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .errors import BadInput
+
+State = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LevelSpace:
+    layers: tuple[str, ...]
+    sizes: tuple[int, ...]  # weights per layer
+    values: tuple[float, ...]  # the level values (bits, ...), increasing, equally spaced
+
+    def __post_init__(self) -> None:
+        v = self.values
+        if len(v) < 2 or any(b <= a for a, b in zip(v, v[1:])):
+            raise BadInput(f"levels must be at least two increasing values, got {list(v)}")
+        step = v[1] - v[0]
+        if any(abs((b - a) - step) > 1e-9 for a, b in zip(v, v[1:])):
+            raise BadInput(f"levels must be equally spaced (a level switch then keeps the budget exactly), got {list(v)}")
+
+    @property
+    def groups(self) -> list[list[int]]:
+        """Layer indices by size: a switch stays inside one group."""
+        by: dict[int, list[int]] = {}
+        for i, n in enumerate(self.sizes):
+            by.setdefault(n, []).append(i)
+        return list(by.values())
+
+    def average(self, state: State) -> float:
+        """The weighted mean level value (average bits per weight)."""
+        return sum(self.values[k] * n for k, n in zip(state, self.sizes)) / sum(self.sizes)
+
+
+def initial_state(space: LevelSpace, target: float) -> State:
+    """Every size group at the target: its layers at the two levels around it, in the proportion that gives the
+    target (rounded to whole layers; exact when the group's size allows it)."""
+    v = space.values
+    if not v[0] <= target <= v[-1]:
+        raise BadInput(f"target {target} is outside the levels {v[0]}..{v[-1]}")
+    lo = max(i for i, x in enumerate(v) if x <= target + 1e-12)
+    state = [lo] * len(space.layers)
+    if v[lo] < target - 1e-12:
+        frac = (target - v[lo]) / (v[lo + 1] - v[lo])
+        for group in space.groups:
+            for i in group[: round(frac * len(group))]:
+                state[i] = lo + 1
+    return tuple(state)
+
+
+def mutate(space: LevelSpace, state: State, rng: torch.Generator) -> State:
+    """min(U{1,3}, U{1,3}) level switches, each within one size group (one layer up a level, another down)."""
+    n_switch = min(int(torch.randint(1, 4, (1,), generator=rng)), int(torch.randint(1, 4, (1,), generator=rng)))
+    s = list(state)
+    top = len(space.values) - 1
+    groups = [g for g in space.groups if len(g) > 1]
+    if not groups:
+        raise BadInput("no two target layers have the same size: a level switch cannot keep the budget")
+    for _ in range(n_switch):
+        for _try in range(100):
+            g = groups[int(torch.randint(len(groups), (1,), generator=rng))]
+            ups = [i for i in g if s[i] < top]
+            downs = [i for i in g if s[i] > 0]
+            if not ups or not downs:
+                continue
+            up = ups[int(torch.randint(len(ups), (1,), generator=rng))]
+            downs = [i for i in downs if i != up]
+            if not downs:
+                continue
+            down = downs[int(torch.randint(len(downs), (1,), generator=rng))]
+            s[up] += 1
+            s[down] -= 1
+            break
+    return tuple(s)
+
+
+@dataclass
+class Trace:
+    generations: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> list[dict]:
+        return self.generations
+
+
+def evolve(space: LevelSpace, fitness: Callable[[State, int, torch.Generator], float], start: State,
+           generations: int, offspring: int, survivors: list[int], seed: int = 0,
+           on_generation: Callable[[dict], None] = lambda info: None) -> tuple[State, Trace]:
+    """(1 + lambda) evolution with multi-step selection (see the module docstring). `survivors[j]`: how many of
+    stage j's candidates go on (the last must be 1); stage j's fitness is fitness(state, j, rng)."""
+    if not survivors or survivors[-1] != 1 or any(b > a for a, b in zip(survivors, survivors[1:])) or survivors[0] > offspring:
+        raise BadInput(f"survivors per stage must decrease to 1 and start at most at offspring ({offspring}): {survivors}")
+    rng = torch.Generator().manual_seed(seed)
+    parent = start
+    trace = Trace()
+    t0 = time.perf_counter()
+    best_fit = None
+    for gen in range(generations):
+        kids: list[State] = []
+        tries = 0
+        while len(kids) < offspring and tries < 50 * offspring:
+            tries += 1
+            k = mutate(space, parent, rng)
+            if k != parent and k not in kids:  # duplicates rejected
+                kids.append(k)
+        cands = kids
+        for j, keep in enumerate(survivors):
+            last = j == len(survivors) - 1
+            pool = cands + ([parent] if last else [])
+            stage_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=rng))  # one fresh minibatch per stage
+            scores = [fitness(c, j, torch.Generator().manual_seed(stage_seed)) for c in pool]
+            order = sorted(range(len(pool)), key=lambda i: scores[i])
+            if last:
+                parent, best_fit = pool[order[0]], scores[order[0]]
+            else:
+                cands = [pool[i] for i in order[:keep]]
+        info = {"generation": gen + 1, "fitness": best_fit, "average": space.average(parent),
+                "seconds": round(time.perf_counter() - t0, 2)}
+        trace.generations.append(info)
+        on_generation(info)
+    return parent, trace
+
+
+# ------------------------------------------------------------------------------------------------- database
+
+def database_key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Database:
+    """Compressed variants of every layer at every level, one safetensors file per layer under `root`
+    (tensor "level{k}", float16, the dequantized weight), and meta.json (the key, levels, layers)."""
+
+    def __init__(self, root: Path, key: str, space: LevelSpace):
+        self.root, self.key, self.space = Path(root), key, space
+
+    def complete(self) -> bool:
+        meta = self.root / "meta.json"
+        if not meta.is_file():
+            return False
+        m = json.loads(meta.read_text())
+        return m.get("key") == self.key and all((self.root / f"{n}.safetensors").is_file() for n in self.space.layers)
+
+    def write_layer(self, name: str, variants: list[Tensor]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{name}.tmp.safetensors"
+        save_file({f"level{k}": v.detach().to(torch.float16).contiguous().cpu() for k, v in enumerate(variants)}, str(tmp))
+        tmp.replace(self.root / f"{name}.safetensors")
+
+    def finish(self) -> None:
+        (self.root / "meta.json").write_text(json.dumps({"key": self.key, "levels": list(self.space.values),
+                                                         "layers": list(self.space.layers)}, indent=1))
+
+    def load_layer(self, name: str) -> list[Tensor]:
+        t = load_file(str(self.root / f"{name}.safetensors"))
+        return [t[f"level{k}"] for k in range(len(self.space.values))]
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.root.glob("*.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------------- fitness
+
+class KLFitness:
+    """KL(dense || compressed) of the next-token distributions over random windows from a pool, the dense side's
+    top-k log-probabilities (and the mass outside them) computed once per window."""
+
+    def __init__(self, model: nn.Module, windows: Tensor, layers: Iterable[str], variants: dict[str, list[Tensor]],
+                 stage_windows: list[int], topk: int = 256, device: torch.device = torch.device("cpu")):
+        self.model, self.windows, self.device = model, windows, device
+        self.layers = list(layers)
+        self.variants = variants
+        self.stage_windows = stage_windows
+        self.topk = topk
+        self.dense: list[tuple[Tensor, Tensor, Tensor]] = []  # per window: top-k ids, their log p, log of the rest
+        with torch.no_grad():
+            for w in windows:
+                lp = self._log_probs(w)
+                top, ids = lp.topk(min(topk, lp.shape[-1]), dim=-1)
+                rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-7))
+                self.dense.append((ids, top, rest))
+        self.calls = 0
+
+    def _log_probs(self, w: Tensor) -> Tensor:
+        out = self.model(input_ids=w.unsqueeze(0).to(self.device), attention_mask=torch.ones(1, w.numel(), dtype=torch.long,
+                                                                                             device=self.device), use_cache=False)
+        return torch.log_softmax(out.logits[0, :-1].float(), -1)
+
+    def set_state(self, state: State) -> None:
+        for name, k in zip(self.layers, state):
+            lin = self.model.get_submodule(name)
+            lin.weight.data = self.variants[name][k].to(lin.weight.device, torch.float32)
+
+    @torch.no_grad()
+    def kl(self, state: State, window_ids: list[int]) -> float:
+        self.set_state(state)
+        total, count = 0.0, 0
+        for i in window_ids:
+            lq = self._log_probs(self.windows[i])
+            ids, lp, rest_p = self.dense[i]
+            lq_top = lq.gather(-1, ids)
+            rest_q = torch.log1p(-lq_top.exp().sum(-1).clamp(max=1 - 1e-7))
+            kl = (lp.exp() * (lp - lq_top)).sum(-1) + rest_p.exp() * (rest_p - rest_q)
+            total += float(kl.sum())
+            count += kl.numel()
+        self.calls += 1
+        return total / max(count, 1)
+
+    def __call__(self, state: State, stage: int, rng: torch.Generator) -> float:
+        n = min(self.stage_windows[stage], len(self.windows))
+        ids = torch.randperm(len(self.windows), generator=rng)[:n].tolist()
+        return self.kl(state, ids)
+
+
+def dp_levels(space: LevelSpace, errors: dict[str, list[float]], target: float, units: int | None = None) -> State:
+    """The DP baseline: one level per layer with the least summed per-layer error whose total bits fit the
+    target average (compressor.allocate; per-layer errors assumed additive). With integer level values the
+    budget step defaults to the greatest common divisor of the costs, which makes the DP exact (no rounding up
+    of costs, so an allocation that uses the whole budget stays feasible)."""
+    from functools import reduce
+
+    from .allocate import allocate
+
+    costs = [[v * n for v in space.values] for n in space.sizes]
+    errs = [errors[name] for name in space.layers]
+    budget = target * sum(space.sizes)
+    if units is None:
+        units = 10000
+        if all(float(c).is_integer() for row in costs for c in row) and float(budget).is_integer():
+            step = reduce(math.gcd, [int(c) for row in costs for c in row if c] + [int(budget)])
+            if budget / step <= 200000:
+                units = int(budget // step)
+    return tuple(allocate(costs, errs, budget, units))
