@@ -260,3 +260,52 @@ def dp_levels(space: LevelSpace, errors: dict[str, list[float]], target: float, 
             if budget / step <= 200000:
                 units = int(budget // step)
     return tuple(allocate(costs, errs, budget, units))
+
+
+# ------------------------------------------------------------------------------------------------- depth
+
+@torch.no_grad()
+def subblock_influence(model: nn.Module, blocks: list[nn.Module], windows: Tensor, parts: tuple[str, ...] = ("self_attn", "mlp"),
+                       device: torch.device = torch.device("cpu")) -> dict[tuple[int, str], float]:
+    """ShortGPT-style block influence of every residual sub-block (Men et al. 2024): 1 - the mean cosine similarity
+    between the residual stream before and after it, over the tokens of `windows` on the FP model. A sub-block
+    whose output barely turns the stream is the cheapest to drop. Llama-style blocks only: h_mid = h + attn(.),
+    h_out = h_mid + mlp(.), with `parts` the two children's names. Returns {(block index, part): influence}."""
+    sums: dict[tuple[int, str], float] = {}
+    count = 0
+    state: dict[int, dict[str, Tensor]] = {}
+    handles = []
+
+    def cos_sum(a: Tensor, b: Tensor) -> float:
+        return float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).sum())
+
+    for i, block in enumerate(blocks):
+        def pre(_m, args, kwargs, i=i):
+            state[i] = {"h": args[0] if args else kwargs["hidden_states"]}
+
+        def attn_out(_m, _args, out, i=i):
+            state[i]["a"] = out[0] if isinstance(out, (tuple, list)) else out
+
+        def block_out(_m, _args, out, i=i):
+            h, a = state[i]["h"], state[i]["a"]
+            mid = h + a
+            y = out[0] if isinstance(out, (tuple, list)) else out
+            sums[(i, parts[0])] = sums.get((i, parts[0]), 0.0) + cos_sum(h, mid)
+            sums[(i, parts[1])] = sums.get((i, parts[1]), 0.0) + cos_sum(mid, y)
+
+        handles += [block.register_forward_pre_hook(pre, with_kwargs=True),
+                    block.get_submodule(parts[0]).register_forward_hook(attn_out),
+                    block.register_forward_hook(block_out)]
+    try:
+        for w in windows:
+            model(input_ids=w.unsqueeze(0).to(device), use_cache=False)
+            count += w.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: 1.0 - v / count for k, v in sums.items()}
+
+
+def lowest(scores: dict, n: int) -> list:
+    """The `n` keys of the lowest scores (ties by key order)."""
+    return [k for k, _ in sorted(scores.items(), key=lambda kv: (kv[1], str(kv[0])))[:n]]

@@ -67,6 +67,13 @@ def magnitude_mask(w: Tensor, sparsity: float, structure: str = "unstructured") 
     return keep.reshape(n_rows, k)
 
 
+def pruned(w: Tensor, sparsity: float, structure: str = "unstructured") -> "sparse.SparseWeight":
+    """W pruned by magnitude to `sparsity` (magnitude_mask) as the artifact's sparse weight; 1.0 prunes all of it
+    (a dropped sub-block's layers)."""
+    mask = magnitude_mask(w, sparsity, structure)
+    return sparse.SparseWeight(torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device)), mask, structure)
+
+
 def sparsity_levels(levels: int, max_sparsity: float, structure: str = "unstructured") -> list[float]:
     """The sparsity of each level: k * max_sparsity / levels for k = 0..levels (unstructured); for N:M, the
     multiples of 1/M up to max_sparsity (0, 1/4, 2/4, 3/4 for M = 4)."""
@@ -266,8 +273,11 @@ def block_index(prefix: str, name: str) -> int:
 @torch.no_grad()
 def distortion_curves(streams: BlockStreams, model: nn.Module, layers: Iterable[str], levels: list[float],
                       structure: str = "unstructured", metric: str = "mse", local: bool = False,
-                      on_layer: Callable[[int, int, str], None] = lambda i, n, name: None) -> dict[str, list[float]]:
-    """Distortion of each layer pruned alone at each level (level 0 included, ~0 by construction)."""
+                      on_layer: Callable[[int, int, str], None] = lambda i, n, name: None,
+                      variant: Callable[[str, int], Tensor] | None = None) -> dict[str, list[float]]:
+    """Distortion of each layer pruned alone at each level (level 0 included, ~0 by construction). With
+    `variant(name, k)`, the layer's weight at level k is that tensor instead (any compression: EvoPress's DP
+    baseline measures quantized widths this way), and level 0 is measured too."""
     layers = list(layers)
     curves: dict[str, list[float]] = {}
     for j, name in enumerate(layers):
@@ -276,11 +286,11 @@ def distortion_curves(streams: BlockStreams, model: nn.Module, layers: Iterable[
         w = lin.weight.data
         b = block_index(streams.prefix, name)
         row = []
-        for s in levels:
-            if s == 0:
+        for k, s in enumerate(levels):
+            if s == 0 and variant is None:
                 row.append(0.0)
                 continue
-            lin.weight.data = w * magnitude_mask(w, s, structure)
+            lin.weight.data = w * magnitude_mask(w, s, structure) if variant is None else variant(name, k).to(w)
             try:
                 row.append(streams.block_distortion(b) if local else streams.output_distortion(b, metric))
             finally:

@@ -356,6 +356,7 @@ def run_blocks(
             io.targets = fp_out if fp_inputs is inputs else io.forward_on(block, fp_inputs)
         qweights: dict[str, QWeight] = {}
         layer_pass: dict[str, str] = {}
+        layer_role: dict[str, str | None] = {}  # per layer: the mask role of the pass that compressed it
         layer_err: dict[str, float] = {}
         fp_w: dict[str, Tensor] = {}  # each layer's FP weight, for its error after the last pass on it
         for spec, info in specs:
@@ -365,9 +366,9 @@ def run_blocks(
             for name in layers:
                 if name not in layer_pass:
                     continue
-                if get_pass(layer_pass[name]).masks == "makes" and info.masks == "keeps":
+                if layer_role[name] == "makes" and info.mask_role(spec.config) == "keeps":
                     masks[name] = qweights[name]  # pruned, now quantized: the quantizer keeps the zeros
-                elif get_pass(layer_pass[name]).masks == "makes":
+                elif layer_role[name] == "makes":
                     raise BadInput(f"layer {name} is pruned by {layer_pass[name]}, and {spec.name} cannot keep "
                                    "pruned weights at zero; quantize pruned layers with rtn or gptq")
                 else:
@@ -387,6 +388,7 @@ def run_blocks(
                 layers[name].weight.data = qw.dequantize(layers[name].weight.dtype)  # hand on what the loader sees
                 qweights[name] = qw
                 layer_pass[name] = spec.name
+                layer_role[name] = info.mask_role(spec.config)
                 layer_err[name] = float((layers[name].weight.data - fp_w[name]).norm() / fp_w[name].norm().clamp_min(1e-30))
         out_err = None
         if needs_data:

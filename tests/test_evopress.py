@@ -1,6 +1,8 @@
 """EvoPress (compressor/evopress.py, passes/evopress.py): level switches keep the budget exactly, the search
 reaches the DP optimum of an additive problem, the KL fitness against a direct computation on the demo model,
-and the pass end to end (mixed widths in the artifact, a lower fitness than the uniform start)."""
+the sub-block influence against known zeros, and the pass end to end in its three spaces (bits: mixed widths in
+the artifact; sparsity: mixed sparsities at exactly the target; depth: dropped sub-blocks whose output is 0 in the
+loaded artifact), each with a lower fitness than its start."""
 from __future__ import annotations
 
 import json
@@ -131,7 +133,7 @@ def test_evopress_pass_end_to_end(tmp_path, demo_path):
     recipe.write_text(
         "version: 1\ncalibration: {samples: 4, seq_len: 48, seed: 0}\npasses:\n"
         f"  - pass: evopress\n    targets: ['{targets}']\n    candidate: rtn\n    levels: [2, 3, 4]\n"
-        "    target_avg_bits: 3.0\n    group_size: 64\n    generations: 6\n    offspring: 4\n"
+        "    target: 3.0\n    group_size: 64\n    generations: 6\n    offspring: 4\n"
         f"    survivors: [1]\n    stage_windows: [4]\n    fitness_samples: 4\n    fitness_seq_len: 48\n    database: '{db}'\n")
     out = tmp_path / "art"
     compressor.compress("demo", str(recipe), out, calib=[AUSTEN / "northangerabbey.txt"], device="cpu")
@@ -166,3 +168,113 @@ def test_evopress_pass_end_to_end(tmp_path, demo_path):
     final = fit.kl(tuple(space.values.index(float(bits[n])) for n in names), [0, 1, 2, 3])
     assert final == pytest.approx(fits[-1], rel=1e-4)
     assert final < 0.97 * start, (final, start)
+
+
+def test_config_checks_each_space():
+    from compressor.passes.evopress import EvoPressConfig
+
+    assert EvoPressConfig(space="sparsity", target=0.5).level_values == pytest.approx([0.1 * k for k in range(10)])
+    assert EvoPressConfig(space="depth", target=0.25).level_values == [0.0, 1.0]
+    for bad, match in [({"space": "depth", "target": 0.25, "levels": [0, 1]}, "no levels"),
+                       ({"space": "depth", "target": 1.5}, "fraction of sub-blocks"),
+                       ({"space": "sparsity", "target": 0.5, "levels": [0.5, 1.0, 1.5]}, r"\[0, 1\)"),
+                       ({"space": "sparsity", "target": 0.95}, "outside the levels"),
+                       ({"space": "bits", "target": 3.0, "levels": [2.5, 3.5]}, "whole bit widths"),
+                       ({"space": "sparsity", "target": 0.5, "candidate_options": {"damp": 0.1}}, "space 'bits' only")]:
+        with pytest.raises(ValueError, match=match):
+            EvoPressConfig(**bad)
+
+
+@torch.no_grad()
+def test_subblock_influence_is_zero_for_a_zeroed_subblock(demo_fp):
+    """1 - cos(stream before, stream after): exactly 0 for a sub-block whose output projection is 0 (the stream
+    passes unchanged), positive for the intact ones, and the same as a direct computation from the model's hidden
+    states for a whole block (attention then MLP: the block's in and out streams bound the two)."""
+    from compressor.models import find_blocks
+
+    model, ids = demo_fp
+    _, blocks = find_blocks(model)
+    o, d = model.model.layers[2].self_attn.o_proj, model.model.layers[5].mlp.down_proj
+    saved = o.weight.data.clone(), d.weight.data.clone()
+    try:
+        o.weight.data.zero_()
+        d.weight.data.zero_()
+        infl = E.subblock_influence(model, blocks, ids)
+        hs = model(input_ids=ids[0][None], output_hidden_states=True).hidden_states
+    finally:
+        o.weight.data, d.weight.data = saved
+    assert len(infl) == 2 * len(blocks)
+    assert abs(infl[(2, "self_attn")]) < 1e-6 and abs(infl[(5, "mlp")]) < 1e-6
+    assert all(v > 1e-5 for k, v in infl.items() if k not in {(2, "self_attn"), (5, "mlp")})
+    # block 2 with its attention zeroed: the MLP's stream before is the block's input hidden state
+    cos = torch.nn.functional.cosine_similarity(hs[2][0].float(), hs[3][0].float(), dim=-1).mean()
+    o.weight.data.zero_()
+    try:
+        single = E.subblock_influence(model, blocks, ids[:1])
+    finally:
+        o.weight.data = saved[0]
+    assert single[(2, "mlp")] == pytest.approx(1 - float(cos), abs=1e-5)
+
+
+def _evo_recipe(tmp_path, body: str) -> str:
+    recipe = tmp_path / "evo.yaml"
+    recipe.write_text("version: 1\ncalibration: {samples: 4, seq_len: 48, seed: 0}\npasses:\n  - pass: evopress\n" + body +
+                      "    generations: 4\n    offspring: 4\n    survivors: [1]\n    stage_windows: [4]\n"
+                      f"    fitness_samples: 4\n    fitness_seq_len: 48\n    database: '{tmp_path / 'db'}'\n")
+    return str(recipe)
+
+
+def test_evopress_sparsity_end_to_end(tmp_path):
+    """The MLPs of blocks 0-3 at levels 0..0.75 (steps of 0.25), 50% overall: the artifact's layers are pruned by
+    magnitude at mixed levels, exactly 50% of their weights in all, in sparse-bitmask; the search ends below the
+    uniform 50% start's fitness (both on the whole pool, in the trace)."""
+    import compressor
+
+    targets = r"re:model\.layers\.[0-3]\.mlp\.\w+_proj$"
+    recipe = _evo_recipe(tmp_path, f"    space: sparsity\n    targets: ['{targets}']\n    levels: [0, 0.25, 0.5, 0.75]\n"
+                                   "    target: 0.5\n")
+    out = tmp_path / "art"
+    compressor.compress("demo", recipe, out, calib=[AUSTEN / "northangerabbey.txt"], device="cpu")
+    meta = json.loads((out / "compression.json").read_text())
+    layers = meta["layers"]
+    assert len(layers) == 12
+    sizes = {n: v["shape"][0] * v["shape"][1] for n, v in layers.items()}
+    sp = {n: v["sparsity"] for n, v in layers.items()}
+    assert sum(sp[n] * sizes[n] for n in sp) / sum(sizes.values()) == pytest.approx(0.5, abs=1e-6)
+    assert len({round(v, 4) for v in sp.values()}) > 1
+    model = compressor.load(out)
+    w = model.get_submodule(next(iter(sp))).weight
+    assert float((w == 0).float().mean()) == pytest.approx(sp[next(iter(sp))], abs=1e-4)
+    trace = json.loads(next((tmp_path / "db").rglob("trace-*.json")).read_text())
+    assert trace["final_fitness_pool"] < trace["start_fitness_pool"]
+
+
+def test_evopress_depth_end_to_end(tmp_path, demo_path):
+    """Drop 25% of the demo's 60 sub-blocks (15): the start is the cosine choice, the search ends at or below its
+    fitness, and the loaded artifact's logits equal the FP model's with exactly the dropped sub-blocks' output
+    projections set to 0 (every Linear of a dropped sub-block is stored 100% pruned)."""
+    import compressor
+    from compressor.models import Checkpoint, materialize, skeleton
+
+    recipe = _evo_recipe(tmp_path, "    space: depth\n    target: 0.25\n")
+    out = tmp_path / "art"
+    compressor.compress("demo", recipe, out, calib=[AUSTEN / "northangerabbey.txt"], device="cpu")
+    meta = json.loads((out / "compression.json").read_text())
+    dropped = sorted(n for n, v in meta["layers"].items() if v.get("sparsity") == 1.0)
+    units = sorted({n.rsplit(".", 1)[0] for n in dropped})
+    assert len(units) == 15
+    for u in units:  # every Linear of the sub-block, and none of a kept one
+        kids = 4 if u.endswith("self_attn") else 3
+        assert sum(n.startswith(u + ".") for n in dropped) == kids
+    trace = json.loads(next((tmp_path / "db").rglob("trace-*.json")).read_text())
+    assert sorted(trace["cosine_choice"]) != [] and trace["final_fitness_pool"] <= trace["start_fitness_pool"] + 1e-9
+    ref = skeleton(demo_path)
+    materialize(ref, "", Checkpoint(demo_path))
+    for u in units:
+        proj = "o_proj" if u.endswith("self_attn") else "down_proj"
+        ref.get_submodule(f"{u}.{proj}").weight.data.zero_()
+    ids = torch.tensor([[1, 504, 3037, 314, 253, 3289, 28, 1812, 2364, 30]])
+    with torch.no_grad():
+        a = compressor.load(out)(input_ids=ids).logits
+        b = ref(input_ids=ids).logits
+    assert (a - b).abs().max() < 1e-4

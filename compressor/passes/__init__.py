@@ -58,8 +58,13 @@ class PassInfo:
     finish: Callable[..., None] | None = None
     needs: Callable[[Any], tuple[bool, bool]] | None = None  # (needs_data, needs_targets) by config, when
     # they depend on it (ReQuant's depend on its base pass)
-    masks: Literal["makes", "keeps"] | None = None  # "makes": the pass prunes (its results are SparseWeight);
-    # "keeps": a quantizer that, after a pruning pass on the same layers, keeps the pruned weights at zero
+    masks: Literal["makes", "keeps"] | Callable[[Any], str | None] | None = None  # "makes": the pass prunes (its
+    # results are SparseWeight); "keeps": a quantizer that, after a pruning pass on the same layers, keeps the
+    # pruned weights at zero; a callable: the role by config (EvoPress prunes or quantizes, by its level space)
+
+    def mask_role(self, cfg: Any) -> str | None:
+        """"makes", "keeps" or None under this config."""
+        return self.masks(cfg) if callable(self.masks) else self.masks
 
     def data_needs(self, cfg: Any) -> tuple[bool, bool]:
         """(needs_data, needs_targets) of the block stage under this config."""
@@ -75,7 +80,7 @@ PASSES: dict[str, PassInfo] = {}
 def register_pass(name: str, config: type[PassConfig], kind: Literal["block", "planner"] = "block",
                   needs_data: bool = True, needs_targets: bool = False, plan: Callable | None = None,
                   finish: Callable | None = None, needs: Callable | None = None,
-                  masks: Literal["makes", "keeps"] | None = None):
+                  masks: Literal["makes", "keeps"] | Callable[[Any], str | None] | None = None):
     """Decorator: register `fn` under `name`. A second registration of a name is an error."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:

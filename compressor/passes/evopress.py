@@ -1,16 +1,26 @@
-"""EvoPress per-layer bit widths (compressor/evopress.py): plan by evolutionary search, then quantize each layer
-at its chosen width with the candidate pass.
+"""EvoPress (compressor/evopress.py): per-layer compression levels found by evolutionary search under a global
+budget, in one of three level spaces (`space`):
 
-Plan (whole FP model, before the blocks):
-1. the database: every target layer quantized by `candidate` (rtn or gptq, with this pass's group size,
-   symmetry, clipping) at every width of `levels`, GPTQ's Hessians from the FP model's own inputs; stored under
-   `database` (default: the cache) and reused when model, candidate, settings and calibration are the same;
-2. the search: from the uniform assignment at `target_avg_bits`, `generations` of `offspring` level switches
-   (budget kept exactly), selected in stages on fresh random windows of the calibration data, KL(dense ||
-   compressed) as the fitness; progress logged, the trace written beside the database.
-The assignment {layer: {bits}} goes into recipe.yaml. Block stage: the candidate pass quantizes each layer at
-its assigned width (one call per width), so the artifact holds mixed widths as compressed-tensors config
-groups with explicit targets.
+- `bits`: every target Linear at a bit width of `levels` (default 2..6), `target` bits per weight on average
+  (nominal widths); each layer is then quantized at its width by the `candidate` pass (rtn or gptq), so the
+  artifact holds mixed widths as compressed-tensors config groups with explicit targets;
+- `sparsity`: every target Linear pruned by magnitude to a level of `levels` (default 0, 0.1, .., 0.9: equal
+  steps, so a level switch inside a size group moves the same number of weights), `target` of all target
+  weights pruned; the artifact is the pruning pass's (sparse-bitmask, or codes + bitmask after a quantizer);
+- `depth`: residual sub-blocks (each block's self_attn and mlp) dropped, `target` of them (a fraction of the
+  2 x blocks sub-blocks, rounded to whole ones); a dropped sub-block's Linears are written pruned to 100%, so
+  its output is exactly 0 in every loader. The search starts from the ShortGPT-style choice (the sub-blocks
+  whose output turns the residual stream least, by cosine), so `generations: 0` is that baseline.
+
+Plan (before the blocks, on the FP model):
+1. the database: every target layer at every level (bits: quantized by the candidate, GPTQ's Hessians from the
+   FP model's own inputs; sparsity: magnitude-pruned), stored under `database` (default: the cache) and reused
+   when model, space, candidate, settings, levels and calibration are the same; depth needs none (a dropped
+   sub-block's output projection is set to 0);
+2. the search: from the uniform assignment at `target` (depth: the cosine choice), `generations` of `offspring`
+   level switches (budget kept exactly), selected in stages on fresh random windows of the calibration data,
+   KL(dense || compressed) as the fitness; progress logged, the trace written beside the database.
+The assignment ({layer: {bits}}, {layer: {sparsity}} or {layer: {dropped}}) goes into recipe.yaml.
 """
 from __future__ import annotations
 
@@ -23,21 +33,30 @@ from pydantic import Field
 from torch import nn
 
 from .. import evopress as E
+from .. import prune as P
 from ..errors import BadInput
-from ..quant import QWeight
 from . import PASSES, QuantConfig, register_pass
 
 if TYPE_CHECKING:
+    from ..quant import QWeight
     from ..runner import BlockIO, Context, PlanInput
+
+DEFAULT_LEVELS = {"bits": [2, 3, 4, 5, 6], "sparsity": [round(0.1 * k, 10) for k in range(10)]}
+# Llama-style residual sub-blocks: (child of the block, its output projection); dropping = that projection at 0
+SUBBLOCKS = (("self_attn", "o_proj"), ("mlp", "down_proj"))
 
 
 class EvoPressConfig(QuantConfig):
-    candidate: Literal["rtn", "gptq"] = Field("rtn", description="the quantizer of every variant and of the result")
+    space: Literal["bits", "sparsity", "depth"] = Field("bits", description="what a level is: a bit width, a "
+                                                        "sparsity, or a residual sub-block kept / dropped")
+    target: float = Field(3.0, description="bits: average bits per weight (nominal widths; scales and zero points "
+                          "are counted in the artifact); sparsity: fraction of target weights pruned; depth: "
+                          "fraction of sub-blocks dropped")
+    levels: list[float] | None = Field(None, description="bits: widths (default 2..6); sparsity: sparsities "
+                                       "(default 0, 0.1, .., 0.9); equally spaced; depth: not used")
+    candidate: Literal["rtn", "gptq"] = Field("rtn", description="bits: the quantizer of every variant and of the result")
     candidate_options: dict[str, Any] = Field(default_factory=dict, description="the candidate's own settings "
                                               "(bits, group_size, symmetric, mse, scale_dtype are this pass's)")
-    levels: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6], description="bit widths, equally spaced")
-    target_avg_bits: float = Field(3.0, description="average bits per weight over the target layers (levels' "
-                                   "nominal widths; scales and zero points are counted in the artifact)")
     generations: int = Field(50, ge=0)
     offspring: int = Field(16, ge=1)
     survivors: list[int] = Field(default_factory=lambda: [4, 1], description="kept after each selection stage")
@@ -54,11 +73,29 @@ class EvoPressConfig(QuantConfig):
         own = {"bits", "group_size", "symmetric", "mse", "scale_dtype"} & set(self.candidate_options)
         if own:
             raise ValueError(f"candidate_options sets {', '.join(sorted(own))}: set them on the evopress pass itself")
-        E.LevelSpace(("a",), (1,), tuple(float(b) for b in self.levels))  # levels checked when the recipe is read
-        if not min(self.levels) <= self.target_avg_bits <= max(self.levels):
-            raise ValueError(f"target_avg_bits {self.target_avg_bits} is outside the levels {self.levels}")
-        if any(not 2 <= b <= 8 for b in self.levels):
-            raise ValueError(f"levels must be bit widths 2..8, got {self.levels}")
+        if self.space != "bits" and self.candidate_options:
+            raise ValueError(f"candidate_options apply to space 'bits' only (space is {self.space!r})")
+        if self.space == "depth":
+            if self.levels is not None:
+                raise ValueError("space 'depth' has no levels (a sub-block is kept or dropped)")
+            if not 0 < self.target < 1:
+                raise ValueError(f"space 'depth': target is the fraction of sub-blocks dropped, in (0, 1); got {self.target}")
+            return
+        levels = self.level_values
+        E.LevelSpace(("a",), (1,), tuple(levels))  # levels checked when the recipe is read
+        if not min(levels) <= self.target <= max(levels):
+            raise ValueError(f"target {self.target} is outside the levels {levels}")
+        if self.space == "bits" and any(b != int(b) or not 2 <= b <= 8 for b in levels):
+            raise ValueError(f"space 'bits': levels must be whole bit widths 2..8, got {levels}")
+        if self.space == "sparsity" and any(not 0 <= s < 1 for s in levels):
+            raise ValueError(f"space 'sparsity': levels must be sparsities in [0, 1), got {levels}")
+
+    @property
+    def level_values(self) -> list[float]:
+        """The levels (the space's default when not set; depth: kept 0, dropped 1)."""
+        if self.space == "depth":
+            return [0.0, 1.0]
+        return [float(v) for v in (self.levels if self.levels is not None else DEFAULT_LEVELS[self.space])]
 
     def candidate_config(self, bits: int):
         shared = {k: getattr(self, k) for k in ("group_size", "symmetric", "mse", "scale_dtype")}
@@ -80,27 +117,31 @@ def build_database(inp: "PlanInput", cfg: EvoPressConfig, db: E.Database) -> Non
 
     model, ctx = inp.model, inp.ctx
     blocks_prefix, blocks = find_blocks(model)
-    materialize(model, "", inp.ckpt, ctx.device, exclude=blocks_prefix)
-    needs_data = PASSES[cfg.candidate].needs_data
+    needs_data = cfg.space == "bits" and PASSES[cfg.candidate].needs_data
     inputs, kwargs = [], []
     if needs_data:
+        materialize(model, "", inp.ckpt, ctx.device, exclude=blocks_prefix)
         cache = cache_device(ctx, inp.windows.numel() * _hidden_size(model) * 4 * 2)
         inputs, kwargs = capture_block_inputs(model, blocks[0], inp.windows, ctx.batch_size, ctx.device, cache)
-    release(model, "", exclude=blocks_prefix)
+        release(model, "", exclude=blocks_prefix)
     quiet = Context(device=ctx.device, seed=ctx.seed)
     for i, block in enumerate(blocks):
         prefix = f"{blocks_prefix}.{i}"
         materialize(model, prefix, inp.ckpt, ctx.device)
         layers = {n: m for n, m in ((f"{prefix}.{n}", m) for n, m in block.named_modules()) if n in db.space.layers}
-        fp = {n: m.weight.data.clone() for n, m in layers.items()}
         variants: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-        for bits in cfg.levels:
-            io = BlockIO(prefix, inputs, kwargs, dict(layers))
-            out = PASSES[cfg.candidate].fn(block, io, cfg.candidate_config(bits), quiet)
-            for n, qw in out.items():
-                variants[n].append(qw.dequantize(torch.float32))
-            for n, m in layers.items():  # the next width starts from the FP weights again
-                m.weight.data = fp[n].clone()
+        if cfg.space == "sparsity":
+            for n, m in layers.items():
+                variants[n] = [P.pruned(m.weight.data, s).weight for s in cfg.level_values]
+        else:
+            fp = {n: m.weight.data.clone() for n, m in layers.items()}
+            for bits in cfg.level_values:
+                io = BlockIO(prefix, inputs, kwargs, dict(layers))
+                out = PASSES[cfg.candidate].fn(block, io, cfg.candidate_config(int(bits)), quiet)
+                for n, qw in out.items():
+                    variants[n].append(qw.dequantize(torch.float32))
+                for n, m in layers.items():  # the next width starts from the FP weights again
+                    m.weight.data = fp[n].clone()
         for n, vs in variants.items():
             db.write_layer(n, vs)
         if needs_data:
@@ -110,67 +151,148 @@ def build_database(inp: "PlanInput", cfg: EvoPressConfig, db: E.Database) -> Non
     db.finish()
 
 
-def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
-    """The bit width per layer (see the module docstring)."""
+def depth_units(model: nn.Module, select) -> tuple[list[str], dict[str, str], dict[str, list[str]]]:
+    """The residual sub-blocks of a Llama-style decoder: their names ("<block>.self_attn", "<block>.mlp"), each
+    one's output projection, and its Linears that the recipe targets (the output projection must be one)."""
+    from ..models import find_blocks
+
+    prefix, blocks = find_blocks(model)
+    units, out_proj, linears = [], {}, {}
+    for i, block in enumerate(blocks):
+        for child, proj in SUBBLOCKS:
+            unit = f"{prefix}.{i}.{child}"
+            try:
+                sub = block.get_submodule(child)
+                lin = sub.get_submodule(proj)
+            except AttributeError:
+                raise BadInput(f"evopress space 'depth' needs Llama-style blocks ({', '.join(c + '.' + p for c, p in SUBBLOCKS)}); "
+                               f"{prefix}.{i} has no {child}.{proj}") from None
+            if getattr(lin, "bias", None) is not None:
+                raise BadInput(f"evopress space 'depth': {unit}.{proj} has a bias, so zeroing its weight does not drop {unit}")
+            if not select(f"{unit}.{proj}"):
+                raise BadInput(f"evopress space 'depth': the targets must include {unit}.{proj} (dropping {unit} zeroes it)")
+            units.append(unit)
+            out_proj[unit] = f"{unit}.{proj}"
+            linears[unit] = [f"{unit}.{n}" for n, m in sub.named_modules() if isinstance(m, nn.Linear) and select(f"{unit}.{n}")]
+    return units, out_proj, linears
+
+
+def _search(inp: "PlanInput", cfg: EvoPressConfig, space: E.LevelSpace, variants: dict[str, list[torch.Tensor]],
+            start: E.State, trace_dir: Path, extra: dict) -> E.State:
+    """The evolution on the FP model (materialized here) with the KL fitness; the trace goes to `trace_dir`."""
     import json
 
+    from ..models import materialize, release
+
+    ctx = inp.ctx
+    materialize(inp.model, "", inp.ckpt, ctx.device)
+    try:
+        pool = inp.windows[: cfg.fitness_samples, : cfg.fitness_seq_len]
+        fit = E.KLFitness(inp.model, pool, space.layers, variants, cfg.stage_windows, cfg.topk, ctx.device)
+        unit = {"bits": "bits", "sparsity": "sparsity", "depth": "dropped"}[cfg.space]
+        state, trace = E.evolve(space, fit, start, cfg.generations, cfg.offspring, cfg.survivors, seed=ctx.seed,
+                                on_generation=lambda g: ctx.log(f"evopress generation {g['generation']}/{cfg.generations}: "
+                                                                f"KL {g['fitness']:.5f}, {g['average']:.3f} {unit}, {g['seconds']:.0f} s"))
+        start_fit = fit.kl(start, list(range(len(pool)))) if cfg.generations else None
+        final_fit = fit.kl(state, list(range(len(pool)))) if cfg.generations else None
+    finally:
+        release(inp.model, "")
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    (trace_dir / f"trace-{E.database_key(inp.spec.to_yaml_dict())}.json").write_text(json.dumps(
+        {"space": cfg.space, "target": cfg.target, "start_average": space.average(start), "average": space.average(state),
+         "start_fitness_pool": start_fit, "final_fitness_pool": final_fit, "generations": trace.to_json(), **extra},
+        indent=1))
+    ctx.log(f"evopress: {space.average(state):.4f} {unit} on average over {len(space.layers)} "
+            f"{'sub-blocks' if cfg.space == 'depth' else 'layers'}")
+    return state
+
+
+def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
+    """The level of every layer (see the module docstring)."""
+    from ..data import sha256_file
     from ..models import find_blocks, materialize, release
 
     cfg: EvoPressConfig = inp.spec.config  # type: ignore[assignment]
-    ctx = inp.ctx
-    model = inp.model
+    ctx, model = inp.ctx, inp.model
+    if cfg.space == "depth":
+        units, out_proj, linears = depth_units(model, inp.spec.selects)
+        n_drop = round(cfg.target * len(units))
+        if n_drop < 1 or n_drop >= len(units):
+            raise BadInput(f"evopress space 'depth': target {cfg.target} of {len(units)} sub-blocks drops {n_drop}")
+        space = E.LevelSpace(tuple(out_proj[u] for u in units), (1,) * len(units), (0.0, 1.0))
+        materialize(model, "", inp.ckpt, ctx.device)
+        try:
+            blocks_prefix, blocks = find_blocks(model)
+            infl = E.subblock_influence(model, blocks, inp.windows[: cfg.fitness_samples, : cfg.fitness_seq_len],
+                                        tuple(c for c, _ in SUBBLOCKS), ctx.device)
+            variants = {out_proj[u]: [model.get_submodule(out_proj[u]).weight.data.clone().cpu(),
+                                      torch.zeros_like(model.get_submodule(out_proj[u]).weight.data).cpu()] for u in units}
+        finally:
+            release(model, "")
+        by_unit = {f"{blocks_prefix}.{i}.{c}": v for (i, c), v in infl.items()}
+        cosine_drop = set(E.lowest({u: by_unit[u] for u in units}, n_drop))
+        start = tuple(int(u in cosine_drop) for u in units)
+        ctx.log(f"evopress: dropping {n_drop} of {len(units)} sub-blocks; the cosine choice drops "
+                f"{', '.join(sorted(cosine_drop, key=units.index))}")
+        cache = Path(cfg.database) if cfg.database else _db_root(cfg, "depth")
+        state = _search(inp, cfg, space, variants, start, cache,
+                        {"influence": {u: by_unit[u] for u in units}, "cosine_choice": sorted(cosine_drop, key=units.index)})
+        dropped = {u for u, k in zip(units, state) if k}
+        return {n: {"dropped": u in dropped} for u in units for n in linears[u]}
+
     prefix, _ = find_blocks(model)
     layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and inp.spec.selects(n)
               and n.startswith(prefix + ".")]
     if not layers:
         raise BadInput("evopress: the recipe's targets select no Linear layer")
     sizes = tuple(model.get_submodule(n).weight.numel() for n in layers)
-    space = E.LevelSpace(tuple(layers), sizes, tuple(float(b) for b in cfg.levels))
-    from ..data import sha256_file
-
+    space = E.LevelSpace(tuple(layers), sizes, tuple(cfg.level_values))
     files = sorted({Path(f) for f in inp.ckpt.files.values()})
-    key = E.database_key({"model": [sha256_file(f) for f in files],
-                          "candidate": cfg.candidate, "options": cfg.candidate_config(cfg.levels[0]).model_dump(),
-                          "levels": cfg.levels, "layers": layers,
-                          "windows": E.database_key({"w": inp.windows.tolist()}) if PASSES[cfg.candidate].needs_data else None})
+    data = cfg.space == "bits" and PASSES[cfg.candidate].needs_data
+    key = E.database_key({"model": [sha256_file(f) for f in files], "space": cfg.space,
+                          "candidate": cfg.candidate if cfg.space == "bits" else "magnitude",
+                          "options": cfg.candidate_config(int(cfg.level_values[0])).model_dump() if cfg.space == "bits" else {},
+                          "levels": cfg.level_values, "layers": layers,
+                          "windows": E.database_key({"w": inp.windows.tolist()}) if data else None})
     db = E.Database(_db_root(cfg, key), key, space)
     if db.complete():
         ctx.log(f"evopress: database {db.root} (reused)")
     else:
         ctx.log(f"evopress: building the database under {db.root}")
         build_database(inp, cfg, db)
-    materialize(model, "", inp.ckpt, ctx.device)
-    try:
-        variants = {n: db.load_layer(n) for n in layers}
-        pool = inp.windows[: cfg.fitness_samples, : cfg.fitness_seq_len]
-        fit = E.KLFitness(model, pool, layers, variants, cfg.stage_windows, cfg.topk, ctx.device)
-        start = E.initial_state(space, cfg.target_avg_bits)
-        state, trace = E.evolve(space, fit, start, cfg.generations, cfg.offspring, cfg.survivors, seed=ctx.seed,
-                                on_generation=lambda g: ctx.log(f"evopress generation {g['generation']}/{cfg.generations}: "
-                                                                f"KL {g['fitness']:.5f}, {g['average']:.3f} bits, {g['seconds']:.0f} s"))
-    finally:
-        release(model, "")
-    (db.root / f"trace-{E.database_key(inp.spec.to_yaml_dict())}.json").write_text(json.dumps(
-        {"target_avg_bits": cfg.target_avg_bits, "start_average": space.average(start), "average": space.average(state),
-         "generations": trace.to_json(), "database_bytes": db.size_bytes()}, indent=1))
-    ctx.log(f"evopress: {space.average(state):.3f} bits on average over {len(layers)} layers; database "
-            f"{db.size_bytes() / 2**20:.0f} MiB")
-    return {n: {"bits": int(space.values[k])} for n, k in zip(layers, state)}
+    variants = {n: db.load_layer(n) for n in layers}
+    state = _search(inp, cfg, space, variants, E.initial_state(space, cfg.target), db.root,
+                    {"database_bytes": db.size_bytes()})
+    ctx.log(f"evopress: database {db.size_bytes() / 2**20:.0f} MiB")
+    key_name = "bits" if cfg.space == "bits" else "sparsity"
+    return {n: {key_name: int(space.values[k]) if cfg.space == "bits" else round(space.values[k], 6)}
+            for n, k in zip(layers, state)}
 
 
 def _needs(cfg: EvoPressConfig) -> tuple[bool, bool]:
+    if cfg.space != "bits":
+        return False, False  # magnitude pruning and dropping look at weights only
     info = PASSES[cfg.candidate]
     return info.needs_data, info.needs_targets
 
 
-@register_pass("evopress", EvoPressConfig, plan=plan, needs=_needs)
-def evopress(block: nn.Module, io: "BlockIO", cfg: EvoPressConfig, ctx: "Context") -> dict[str, QWeight]:
-    """EvoPress: each layer quantized by the candidate pass at the width the evolutionary search chose."""
+def _mask_role(cfg: EvoPressConfig) -> str | None:
+    return None if cfg.space == "bits" else "makes"
+
+
+@register_pass("evopress", EvoPressConfig, plan=plan, needs=_needs, masks=_mask_role)
+def evopress(block: nn.Module, io: "BlockIO", cfg: EvoPressConfig, ctx: "Context") -> dict[str, Any]:
+    """EvoPress: each layer at the level the evolutionary search chose (a bit width, a sparsity, or dropped)."""
+    if cfg.space == "sparsity":
+        return {n: P.pruned(lin.weight.data, float(io.assignment.get(n, {}).get("sparsity", cfg.target)))
+                for n, lin in io.layers.items()}
+    if cfg.space == "depth":  # kept sub-blocks stay as they are
+        return {n: P.pruned(lin.weight.data, 1.0) for n, lin in io.layers.items() if io.assignment.get(n, {}).get("dropped")}
     by_bits: dict[int, dict[str, nn.Linear]] = {}
     for name, lin in io.layers.items():
-        bits = int(io.assignment.get(name, {}).get("bits", round(cfg.target_avg_bits)))
+        bits = int(io.assignment.get(name, {}).get("bits", round(cfg.target)))
         by_bits.setdefault(bits, {})[name] = lin
-    out: dict[str, QWeight] = {}
+    out: dict[str, "QWeight"] = {}
     layers = io.layers
     try:
         for bits, group in sorted(by_bits.items()):

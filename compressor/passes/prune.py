@@ -21,11 +21,11 @@ from torch import nn
 
 from .. import prune as P
 from ..errors import BadInput
-from ..sparse import SparseWeight
 from . import PassConfig, register_pass
 
 if TYPE_CHECKING:
     from ..runner import BlockIO, Context, PlanInput
+    from ..sparse import SparseWeight
 
 
 class PruneConfig(PassConfig):
@@ -115,12 +115,10 @@ def _block_of(model: nn.Module):
 
 @register_pass("prune", PruneConfig, needs_data=False, plan=plan, masks="makes")
 @torch.no_grad()
-def prune(block: nn.Module, io: "BlockIO", cfg: PruneConfig, ctx: "Context") -> dict[str, SparseWeight]:
+def prune(block: nn.Module, io: "BlockIO", cfg: PruneConfig, ctx: "Context") -> dict[str, "SparseWeight"]:
     """Magnitude pruning to each layer's planned sparsity (dp, uniform, global or OWL allocation)."""
     out = {}
     for name, lin in io.layers.items():
         s = float(io.assignment.get(name, {}).get("sparsity", cfg.sparsity))
-        w = lin.weight.data
-        mask = P.magnitude_mask(w, s, cfg.structure)
-        out[name] = SparseWeight(torch.where(mask, w, torch.zeros((), dtype=w.dtype)), mask, cfg.structure)
+        out[name] = P.pruned(lin.weight.data, s, cfg.structure)
     return out
