@@ -116,6 +116,21 @@ def demo_w4_artifact(tmp_path_factory, demo_path) -> Path:
     return shared_once(tmp_path_factory, "demo-w4", build)
 
 
+def demo_model_and_windows(demo_path: Path, windows: int, seq_len: int):
+    """The demo model with all weights in memory (eval mode) and `windows` windows of `seq_len` tokens of Emma
+    (seed 0): the module fixtures of the tests that run the whole model."""
+    from compressor.api import load_tokenizer
+    from compressor.data import DEFAULT_CORPUS, calibration_windows, read_texts, tokenize
+    from compressor.models import Checkpoint, materialize, skeleton
+
+    tokens = tokenize(load_tokenizer(demo_path), read_texts([DEFAULT_CORPUS[0]]))
+    ids = calibration_windows(tokens, windows, seq_len, seed=0)
+    model = skeleton(demo_path)
+    materialize(model, "", Checkpoint(demo_path))
+    model.eval()
+    return model, ids
+
+
 def demo_block(demo_path: Path, index: int, windows: int, seq_len: int, batch: int):
     """Block `index` of the demo model with its calibration data: inputs from the FP blocks before it
     (`windows` windows of `seq_len` tokens of Emma, seed 0, cached in batches of `batch`) and, as targets, the

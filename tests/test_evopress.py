@@ -13,7 +13,7 @@ import torch
 from compressor import evopress as E
 from compressor.errors import BadInput
 
-from conftest import AUSTEN
+from conftest import AUSTEN, demo_model_and_windows
 
 
 def _space(n_per_group=(4, 4, 2), values=(2.0, 3.0, 4.0, 5.0, 6.0)) -> E.LevelSpace:
@@ -82,16 +82,7 @@ def test_search_reaches_the_dp_optimum_of_an_additive_problem():
 
 @pytest.fixture(scope="module")
 def demo_fp(demo_path):
-    from compressor.api import load_tokenizer
-    from compressor.data import DEFAULT_CORPUS, calibration_windows, read_texts, tokenize
-    from compressor.models import Checkpoint, materialize, skeleton
-
-    tokens = tokenize(load_tokenizer(demo_path), read_texts([DEFAULT_CORPUS[0]]))
-    ids = calibration_windows(tokens, 3, 24, seed=0)
-    model = skeleton(demo_path)
-    materialize(model, "", Checkpoint(demo_path))
-    model.eval()
-    return model, ids
+    return demo_model_and_windows(demo_path, 3, 24)
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import torch
 from compressor import prune as P
 from compressor.errors import BadInput
 
-from conftest import AUSTEN
+from conftest import AUSTEN, demo_model_and_windows
 
 NORTHANGER = AUSTEN / "northangerabbey.txt"  # calibration of the end-to-end runs (Persuasion is held out)
 
@@ -106,16 +106,7 @@ def test_snap_to_levels_reaches_the_target():
 @pytest.fixture(scope="module")
 def demo_fp(demo_path):
     """The demo model, all weights in memory, and 2 windows of 32 tokens of Emma."""
-    from compressor.api import load_tokenizer
-    from compressor.data import DEFAULT_CORPUS, calibration_windows, read_texts, tokenize
-    from compressor.models import Checkpoint, materialize, skeleton
-
-    tokens = tokenize(load_tokenizer(demo_path), read_texts([DEFAULT_CORPUS[0]]))
-    ids = calibration_windows(tokens, 2, 32, seed=0)
-    model = skeleton(demo_path)
-    materialize(model, "", Checkpoint(demo_path))
-    model.eval()
-    return model, ids
+    return demo_model_and_windows(demo_path, 2, 32)
 
 
 @torch.no_grad()
