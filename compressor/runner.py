@@ -306,6 +306,18 @@ def stream_fp_layers(model: nn.Module, ckpt: Checkpoint, windows: Tensor, ctx: C
         release(model, prefix)
 
 
+def check_targets(blocks_prefix: str, blocks: nn.ModuleList, recipe: Recipe) -> None:
+    """A pass whose targets select no Linear inside the blocks is an error before anything runs (a mistyped
+    regex would otherwise write an artifact with nothing compressed)."""
+    names = [f"{blocks_prefix}.{i}.{n}" for i, b in enumerate(blocks) for n, m in b.named_modules()
+             if isinstance(m, nn.Linear)]
+    for k, spec in enumerate(recipe.passes):
+        if not any(spec.selects(n) for n in names):
+            sel = f"targets {list(spec.targets)}" + (f" minus ignore {list(spec.ignore)}" if spec.ignore else "")
+            raise BadInput(f"pass {k + 1} ({spec.name}): its {sel} select no Linear inside the model's blocks "
+                           f"(names look like {names[0]!r})")
+
+
 def run_blocks(
     model: nn.Module,
     ckpt: Checkpoint,
@@ -323,6 +335,7 @@ def run_blocks(
     for spec, info in specs:
         if info.kind != "block":
             raise BadInput(f"pass {spec.name!r} is a planner; this runner applies block passes only")
+    check_targets(blocks_prefix, blocks, recipe)
     for i, (spec, info) in enumerate(specs):
         if info.plan is not None and not spec.assignment:
             ctx.log(f"{spec.name}: planning")

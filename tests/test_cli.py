@@ -310,6 +310,17 @@ def test_error_message_keeps_brackets(tmp_path, tiny_llama):
     assert_nothing_left(out)
 
 
+def test_targets_that_select_nothing_fail_before_the_run(tmp_path, tiny_llama):
+    """A regex that matches no layer (here YAML single quotes keep a doubled backslash, so the regex wants a
+    literal backslash) is an error naming the pass and its targets, not an artifact with nothing compressed."""
+    recipe = write_recipe(tmp_path / "re.yaml", "version: 1\npasses:\n  - pass: rtn\n    bits: 4\n"
+                          "    targets: ['re:model\\\\.layers\\\\..*']\n")
+    out = tmp_path / "out"
+    r = compress_tiny(tiny_llama, out, recipe=str(recipe))
+    assert_error(r, 2, "pass 1 (rtn)", "select no Linear", "model.layers.0.")
+    assert_nothing_left(out)
+
+
 # ---------------------------------------------------------------------------------------------- --json contracts
 
 def test_recipes_json():
