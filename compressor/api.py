@@ -482,3 +482,68 @@ def sensitivity(model: str = "demo", recipe: str | Path = "w3g64-rtn", calib: li
     return {"model": model, "recipe": str(recipe), "loss_fp": f0, "loss_quantized": f1, "measured_dF": measured,
             "estimates": rows, "pqi_per_layer": per_layer, "windows": int(windows.shape[0]),
             "tokens": int(windows.numel()), "seed": seed, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def utilization(model: str = "demo", calib: list[str | Path] | None = None, samples: int = 32, seq_len: int = 512,
+                seed: int = 0, taus: list[float] = (0.99, 0.999), device: str = "auto",
+                log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+    """`compress utilization`: every Linear's utilized rank (compressor/lowrank.py) on the FP model, block by block:
+    the input subspace from the calibration inputs' second moment, the output subspace from the input-projected
+    layer's outputs, at each energy threshold tau; and the mean layer utilization (rank / min(d_in, d_out))."""
+    from . import lowrank as LR
+    from .runner import stream_fp_layers
+
+    if not taus or any(not 0 < t <= 1 for t in taus):
+        raise BadInput(f"--tau must be energy fractions in (0, 1], got {list(taus)}")
+    t0 = time.perf_counter()
+    dev = pick_device(device)
+    src = resolve_model(model)
+    if src.is_compressed:
+        raise BadInput(f"model {model} is already compressed (compressed-tensors); give the uncompressed checkpoint")
+    windows, cal_info = load_windows(load_tokenizer(src.path), calib, samples, seq_len, seed)
+    log(f"calibration: {cal_info['source']}: {samples} windows of {seq_len} tokens, seed {seed}")
+    skel, ckpt = skeleton(src.path), Checkpoint(src.path)
+    ctx = Context(device=dev, seed=seed, log=log)
+    n_tok = windows.numel()
+    rows = []
+    last: tuple[torch.Tensor, tuple] | None = None  # siblings (q/k/v, gate/up) read one input: one eigh for them
+    for name, lin, xtx in stream_fp_layers(skel, ckpt, windows, ctx, lambda n: True, full=True):
+        w = lin.weight.data
+        if last is None or last[0].shape != xtx.shape or not torch.equal(last[0], xtx):
+            last = (xtx, LR.top_eig(xtx / n_tok))
+        row: dict[str, Any] = {"layer": name, "d_in": lin.in_features, "d_out": lin.out_features, "by_tau": {}}
+        for tau in taus:
+            sub = LR.utilized_subspaces(w, xtx / n_tok, tau, eig=last[1])
+            row["by_tau"][str(tau)] = {"k_in": sub.u_in.shape[1], "k_out": sub.u_out.shape[1], "rank": sub.rank,
+                                       "utilization": round(sub.utilization(), 6),
+                                       "saves_params": LR.saves_params(sub.rank, lin.in_features, lin.out_features)}
+        rows.append(row)
+        log(f"{name}: " + ", ".join(f"tau {t}: rank {row['by_tau'][str(t)]['rank']}/{min(lin.in_features, lin.out_features)}"
+                                    for t in taus))
+    if not rows:
+        raise BadInput(f"model {model}: no Linear layer inside its blocks")
+    mean = {str(t): round(sum(r["by_tau"][str(t)]["utilization"] for r in rows) / len(rows), 6) for t in taus}
+    return {"model": model, "calibration": {k: cal_info[k] for k in ("source", "samples", "seq_len", "seed")},
+            "tokens": int(n_tok), "taus": list(taus), "mean_utilization": mean, "layers": rows,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def utilization_plot(res: dict[str, Any], path: Path) -> None:
+    """Each layer's utilization (rank / min(d_in, d_out)) in model order, one line per tau, to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    for t in res["taus"]:
+        ys = [r["by_tau"][str(t)]["utilization"] for r in res["layers"]]
+        ax.plot(range(len(ys)), ys, marker=".", lw=0.8, label=f"tau {t} (mean {res['mean_utilization'][str(t)]:.3f})")
+    ax.set_xlabel("layer (model order)")
+    ax.set_ylabel("utilized rank / min(d_in, d_out)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"Utilized rank per layer: {res['model']} ({res['tokens']} calibration tokens)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -388,6 +388,53 @@ def sensitivity_cmd(
         err.print(t)
 
 
+@app.command("utilization")
+def utilization_cmd(
+    model: str = MODEL,
+    calib: Optional[list[Path]] = CALIB,
+    samples: int = typer.Option(32, "--samples", help="calibration windows (the layers' input second moments)"),
+    seq_len: int = typer.Option(512, "--seq-len"),
+    seed: int = typer.Option(0, "--seed"),
+    tau: str = typer.Option("0.99,0.999", "--tau", help="energy thresholds, comma-separated"),
+    device: str = DEVICE,
+    out: Optional[Path] = typer.Option(None, "--out", help="also write the JSON result to this file"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write the per-layer utilization plot (PNG) here"),
+    as_json: bool = JSON,
+    quiet: bool = QUIET,
+) -> None:
+    """Each Linear's utilized rank: the dimensions its calibration inputs and outputs really use, at each tau."""
+    from .api import utilization, utilization_plot
+
+    _quiet(quiet)
+    with _guard():
+        try:
+            taus = [float(x) for x in tau.split(",") if x.strip()]
+        except ValueError:
+            raise BadInput(f"--tau {tau!r}: expected comma-separated fractions such as 0.99,0.999") from None
+        for f, what in ((out, "--out"), (plot, "--plot")):
+            if f is not None and f.exists() and f.is_dir():
+                raise BadInput(f"{what} {f} is a directory")
+        res = utilization(model, calib, samples, seq_len, seed, taus, device, log=lambda m: err.print(m, highlight=False))
+        if plot is not None:
+            tmp = plot.with_name(f".{plot.name}.tmp-{os.getpid()}.png")
+            utilization_plot(res, tmp)
+            os.replace(tmp, plot)
+        if out is not None:
+            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(res, indent=2) + "\n")
+            os.replace(tmp, out)
+        if as_json:
+            sys.stdout.write(json.dumps(res) + "\n")
+            return
+        t = Table("layer", "d_in x d_out", *[f"rank @ {x}" for x in taus], title=f"Utilized rank of {model} "
+                  f"({res['tokens']} tokens); mean utilization " + ", ".join(f"{res['mean_utilization'][str(x)]:.3f} @ {x}" for x in taus))
+        for r in res["layers"]:
+            full = min(r["d_in"], r["d_out"])
+            t.add_row(r["layer"], f"{r['d_in']} x {r['d_out']}",
+                      *[f"{r['by_tau'][str(x)]['rank']} ({r['by_tau'][str(x)]['rank'] / full:.0%})" for x in taus])
+        err.print(t)
+
+
 def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # a cancelled CI job (SIGTERM) cleans up like Ctrl-C: no half-written output
 

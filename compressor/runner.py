@@ -275,9 +275,10 @@ class FinishInput:
 
 @torch.no_grad()
 def stream_fp_layers(model: nn.Module, ckpt: Checkpoint, windows: Tensor, ctx: Context,
-                     select: Callable[[str], bool]) -> Iterator[tuple[str, nn.Linear, Tensor]]:
+                     select: Callable[[str], bool], full: bool = False) -> Iterator[tuple[str, nn.Linear, Tensor]]:
     """Run the FP model block by block over the calibration windows and yield (name, Linear, sum x_j^2) for every
-    selected Linear inside the blocks; memory is one block plus the activations."""
+    selected Linear inside the blocks (`full`: the whole second moment sum x x^T, (K, K)); memory is one block plus
+    the activations."""
     blocks_prefix, blocks = find_blocks(model)
     materialize(model, "", ckpt, ctx.device, exclude=blocks_prefix)
     cache = cache_device(ctx, windows.numel() * _hidden_size(model) * 4 * 2)
@@ -287,11 +288,12 @@ def stream_fp_layers(model: nn.Module, ckpt: Checkpoint, windows: Tensor, ctx: C
         prefix = f"{blocks_prefix}.{i}"
         materialize(model, prefix, ckpt, ctx.device)
         layers = {f"{prefix}.{n}": m for n, m in block.named_modules() if isinstance(m, nn.Linear) and select(f"{prefix}.{n}")}
-        acc = {n: torch.zeros(m.in_features, device=ctx.device) for n, m in layers.items()}
+        acc = {n: torch.zeros((m.in_features,) * (2 if full else 1), device=ctx.device) for n, m in layers.items()}
 
         def hook(name: str):
             def fn(_m: nn.Module, args: tuple) -> None:
-                acc[name] += args[0].reshape(-1, args[0].shape[-1]).float().pow(2).sum(0)
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                acc[name] += x.T @ x if full else x.pow(2).sum(0)
             return fn
 
         handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
