@@ -1,6 +1,7 @@
 """The public API: compress(), load(), evaluate(). The CLI is a thin layer over these."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from .modules import QuantLinear
 from .quant import QWeight, pack_int32, qweight_from_tensors
 from .recipe import load_recipe
 from .runner import BlockResult, Context, block_tensors, checkpoint_key_prefix, run_blocks
+from .lowrank import LOWRANK, LowRankLinear, LowRankWeight
 from .sparse import SUFFIXES as SPARSE_SUFFIXES, SparseWeight
 
 
@@ -114,12 +116,17 @@ def compress(
     }
 
 
-def layer_entry(w: QWeight | SparseWeight, pass_name: str, rel_err: float) -> dict[str, Any]:
+def layer_entry(w: "QWeight | SparseWeight | LowRankWeight", pass_name: str, rel_err: float) -> dict[str, Any]:
     """compression.json's entry of one compressed layer. A pruned layer adds `format` ("sparse-bitmask": pruned, not
     quantized, compressed-tensors' layout; "pack-quantized+bitmask": pruned and quantized, our extension),
     `sparsity` (fraction pruned) and `sparsity_structure`; a sparse-bitmask layer has no integer grid (`bits`,
     `group_size`, `symmetric` null) and says the dtype its kept values are stored in."""
     n, k = w.shape
+    if isinstance(w, LowRankWeight):  # our extension: two factors instead of the weight (DESIGN.md section 4)
+        entry = {"pass": pass_name, "format": LOWRANK, "bits": None, "dtype": str(w.a.dtype).removeprefix("torch."),
+                 "rank": w.rank, "group_size": None, "requested_group_size": None, "symmetric": None, "shape": [n, k],
+                 "bits_per_weight": round(w.storage_bits() / (n * k), 4), "weight_rel_err": round(rel_err, 6)}
+        return entry
     if isinstance(w, SparseWeight):
         entry: dict[str, Any] = {"pass": pass_name, "format": SPARSE_BITMASK, "bits": None,
                                  "dtype": str(w.weight.dtype).removeprefix("torch."), "group_size": None,
@@ -195,6 +202,8 @@ def manifest_sizes(layers: dict[str, dict]) -> dict[str, Any]:
         extensions.append("sparse_residual")
     if any(v.get("format") == MASKED_QUANT for v in layers.values()):
         extensions.append("sparse_bitmask_quantized")
+    if any(v.get("format") == LOWRANK for v in layers.values()):
+        extensions.append("lowrank")
     out = {"bits_per_weight": round(qbits / max(qparams + sparams, 1), 4), "quantized_params": qparams,
            "layers": layers, "extensions": extensions}
     if any("sparsity" in v for v in layers.values()):
@@ -269,6 +278,14 @@ def load_compressed(src: ModelSource, device: torch.device, dtype: torch.dtype) 
     weights); sparse-bitmask layers (sparsity_config) plain Linear with the dense weight rebuilt from the bitmask."""
     model = skeleton(src.path)
     ckpt = ExpandedCheckpoint(Checkpoint(src.path))
+    manifest = src.path / "compression.json"
+    layers = json.loads(manifest.read_text()).get("layers", {}) if manifest.is_file() else {}
+    for name, v in layers.items():  # factorised layers (our extension): the two-Linear module
+        if v.get("format") == LOWRANK:
+            lin = model.get_submodule(name)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    LowRankLinear(lin.in_features, lin.out_features, int(v["rank"]), lin.bias is not None))
     linears = [(n, type(m).__name__) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     qc = src.config["quantization_config"]
     schemes = ct_layer_schemes(qc, linears)

@@ -199,7 +199,8 @@ def ct_quantization_config(layers: dict[str, dict], unquantized_linears: list[st
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     sparse = {n: v for n, v in layers.items() if v.get("format") == SPARSE_BITMASK}
-    quantized = {n: v for n, v in layers.items() if n not in sparse}
+    factored = [n for n, v in layers.items() if v.get("format") == "lowrank"]  # our extension: outside both configs
+    quantized = {n: v for n, v in layers.items() if n not in sparse and n not in factored}
     groups: dict[tuple, list[str]] = {}
     for name, info in sorted(quantized.items()):
         groups.setdefault((info["bits"], info["group_size"], info["symmetric"]), []).append(name)
@@ -210,7 +211,7 @@ def ct_quantization_config(layers: dict[str, dict], unquantized_linears: list[st
         config_groups[f"group_{i}"] = QuantizationScheme(targets=names, weights=args, format="pack-quantized")
     if config_groups:
         qc = QuantizationConfig(config_groups=config_groups, format="pack-quantized", quantization_status="compressed",
-                                ignore=sorted([*unquantized_linears, *sparse]))
+                                ignore=sorted([*unquantized_linears, *sparse, *factored]))
         out = qc.model_dump(mode="json")
     else:
         out = {"quant_method": "compressed-tensors"}

@@ -59,18 +59,21 @@ class Subspaces:
 
 
 def utilized_subspaces(w: Tensor, c_in: Tensor, tau_in: float, tau_out: float | None = None,
-                       eig: tuple[Tensor, Tensor] | None = None) -> Subspaces:
+                       eig: tuple[Tensor, Tensor] | None = None, k_in: int | None = None,
+                       k_out: int | None = None) -> Subspaces:
     """U_S from the input second moment `c_in` (d_in, d_in) (or its eigendecomposition `eig`, top_eig(c_in), when
-    several layers or thresholds share it), U_T from the projected layer's output second moment. That moment is
+    several layers or thresholds share it), U_T from the projected layer's output second moment (`k_in` / `k_out`:
+    that many leading directions instead of the energy threshold: a rank budget). That moment is
     W U_S diag(lam_S) U_S^T W^T = G G^T with G = W U_S diag(sqrt(lam_S)) (U_S are C's eigenvectors), so U_T and
     its spectrum come from the SVD of G (d_out x k_S), not an eigendecomposition of a d_out x d_out matrix."""
     ev_in, vec_in = top_eig(c_in) if eig is None else eig
-    k_s = energy_rank(ev_in, tau_in)
+    k_s = energy_rank(ev_in, tau_in) if k_in is None else min(k_in, ev_in.numel())
     u_s = vec_in[:, :k_s]
     g = (w.double() @ u_s) * ev_in[:k_s].clamp_min(0).sqrt()[None, :]
     u, sv, _ = torch.linalg.svd(g, full_matrices=False)
     ev_out = sv.pow(2)
-    u_t = u[:, : energy_rank(ev_out, tau_in if tau_out is None else tau_out)]
+    k_t = energy_rank(ev_out, tau_in if tau_out is None else tau_out) if k_out is None else min(k_out, ev_out.numel())
+    u_t = u[:, :k_t]
     return Subspaces(u_s, u_t, ev_in, ev_out)
 
 
@@ -132,3 +135,56 @@ def output_rel_err(w: Tensor, w_hat: Tensor, c_in: Tensor) -> float:
     d = (w - w_hat).double()
     c = c_in.double()
     return float(torch.einsum("ij,jk,ik->", d, c, d) / torch.einsum("ij,jk,ik->", w.double(), c, w.double()).clamp_min(1e-300))
+
+
+# ------------------------------------------------------------------------------------------------- storage
+
+LOWRANK = "lowrank"  # compression.json `format` of a factorised layer (our extension, DESIGN.md section 4)
+
+
+@dataclass
+class LowRankWeight:
+    """A Linear weight stored as two factors, W ~ B A: A (r, d_in) the first Linear, B (d_out, r) the second (the
+    layer's bias stays under its own name and is added after B). Duck-types what the runner and the writer use of
+    quant.QWeight (shape, dequantize, storage_bits, to_tensors); the artifact holds `<layer>.a.weight` and
+    `<layer>.b.weight` instead of `<layer>.weight`, and compressor.load builds a LowRankLinear from them."""
+
+    a: Tensor
+    b: Tensor
+
+    def __post_init__(self) -> None:
+        if self.a.dim() != 2 or self.b.dim() != 2 or self.a.shape[0] != self.b.shape[1]:
+            raise ValueError(f"LowRankWeight: factors {tuple(self.a.shape)} and {tuple(self.b.shape)} do not chain")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.b.shape[0], self.a.shape[1])
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return (self.b.double() @ self.a.double()).to(dtype)
+
+    def storage_bits(self) -> int:
+        return (self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()) * 8
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        return {"a.weight": self.a.detach().contiguous().cpu(), "b.weight": self.b.detach().contiguous().cpu()}
+
+
+class LowRankLinear(torch.nn.Module):
+    """y = B (A x) + bias: the two-Linear module of a factorised layer (children `a`, d_in -> r without bias, and
+    `b`, r -> d_out; the bias, when the layer had one, is this module's own, as in the original checkpoint)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.a = torch.nn.Linear(in_features, rank, bias=False, dtype=dtype, device="meta")
+        self.b = torch.nn.Linear(rank, out_features, bias=False, dtype=dtype, device="meta")
+        self.bias = torch.nn.Parameter(torch.empty(out_features, dtype=dtype, device="meta")) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.b(self.a(x))
+        return y if self.bias is None else y + self.bias

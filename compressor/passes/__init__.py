@@ -113,4 +113,4 @@ def get_pass(name: str) -> PassInfo:
 
 
 # Registration happens on import; the list of shipped passes lives here and nowhere else.
-from . import adaround, evopress, flexround, gptq, prune, requant, rtn  # noqa: E402,F401
+from . import adaround, evopress, flexround, gptq, lowrank, prune, requant, rtn  # noqa: E402,F401
