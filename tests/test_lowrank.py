@@ -155,3 +155,33 @@ def test_utilized_beats_plain_svd_on_the_demo(tmp_path, demo_path, persuasion):
         kls[method] = evaluate(str(out), [persuasion], max_tokens=512, seq_len=256, base="demo", device="cpu")["kl_to_base"]
     assert kls["utilized"] < 0.8 * kls["svd"], kls
     assert kls["asvd"] < 1.2 * kls["utilized"], kls
+
+
+def test_lowrank_dp_allocation_keeps_the_budget(tmp_path, tiny_llama, small_calib):
+    """allocation dp at half of all numbers: per-layer fractions from the levels (some layers above, some below 0.5,
+    or dense), written into recipe.yaml, and the artifact's factors and dense layers together store at most half of
+    the target layers' numbers."""
+    import json
+
+    import yaml
+
+    import compressor
+    from compressor.passes.lowrank import level_cost
+
+    out = tmp_path / "art"
+    compressor.compress(str(tiny_llama), _recipe(tmp_path, "    params: 0.5\n    allocation: dp\n    curve_seq_len: 16\n"),
+                        out, calib=[small_calib], device="cpu")
+    plan = yaml.safe_load((out / "recipe.yaml").read_text())["passes"][0]["assignment"]
+    assert len(plan) == 14 and len({v["params"] for v in plan.values()}) > 1
+    meta = json.loads((out / "compression.json").read_text())
+    from compressor.models import skeleton
+
+    model = skeleton(tiny_llama)
+    total = stored = 0
+    for name, v in plan.items():
+        lin = model.get_submodule(name)
+        total += lin.in_features * lin.out_features
+        stored += level_cost(v["params"], lin.in_features, lin.out_features)
+        assert (name in meta["layers"]) == (level_cost(v["params"], lin.in_features, lin.out_features)
+                                            < lin.in_features * lin.out_features)
+    assert stored <= 0.5 * total

@@ -7,7 +7,9 @@ Per target Linear of the block, from its calibration inputs' second moment C = X
   as two factors (exact at the utilized rank);
 - `method: svd`: truncated SVD of W; `method: asvd`: truncated SVD of W C^(1/2), mapped back (both need `params`).
 `params`: the fraction of each layer's d_in x d_out numbers its factors may store (rank r = params d_in d_out /
-(d_in + d_out)). A layer is factorised only where that saves numbers, r (d_in + d_out) < d_in d_out; otherwise it is
+(d_in + d_out)); with `allocation: dp`, the fraction over all target layers, each layer's own fraction (one of
+`levels`, 1.0 = dense) chosen by the pruning DP's machinery: output-distortion curves of each layer factorised
+alone, then the least summed distortion under the budget (the plan; the fractions go into recipe.yaml). A layer is factorised only where that saves numbers, r (d_in + d_out) < d_in d_out; otherwise it is
 kept as it is. The artifact holds `<layer>.a.weight` (r x d_in) and `<layer>.b.weight` (d_out x r) (format
 "lowrank" in compression.json, extension "lowrank"): compressor.load builds the two-Linear module; transformers
 does not know the layout.
@@ -24,7 +26,7 @@ from .. import lowrank as L
 from . import PassConfig, register_pass
 
 if TYPE_CHECKING:
-    from ..runner import BlockIO, Context
+    from ..runner import BlockIO, Context, PlanInput
 
 
 class LowRankConfig(PassConfig):
@@ -33,10 +35,21 @@ class LowRankConfig(PassConfig):
     params: float | None = Field(None, gt=0, lt=1, description="fraction of each layer's numbers its factors may "
                                  "store (the rank); utilized without it: the rank the energy threshold gives")
     damp: float = Field(1e-6, ge=0, description="asvd: C + damp mean(diag C) I, so C^(1/2) is invertible")
+    allocation: Literal["uniform", "dp"] = Field("uniform", description="with params: every layer at params "
+                                                 "(uniform), or per-layer fractions with params overall (dp)")
+    levels: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+                                description="dp: the fractions of its numbers a layer may keep (1.0: kept dense)")
+    curve_samples: int = Field(1, ge=1, description="dp: calibration windows of the output-distortion curves")
+    curve_seq_len: int = Field(128, ge=8, description="dp: tokens of each (their first ones)")
+    units: int = Field(10000, ge=10, description="dp: budget steps")
 
     def model_post_init(self, __context: Any) -> None:
         if self.method != "utilized" and self.params is None:
             raise ValueError(f"method {self.method!r} needs params (the fraction of each layer's numbers to keep)")
+        if self.allocation == "dp" and self.params is None:
+            raise ValueError("allocation dp needs params (the fraction of all the target layers' numbers to keep)")
+        if any(not 0 < f <= 1 for f in self.levels):
+            raise ValueError(f"levels must be fractions in (0, 1], got {self.levels}")
 
 
 def factorise(w: torch.Tensor, c: torch.Tensor | None, cfg: LowRankConfig,
@@ -59,11 +72,74 @@ def factorise(w: torch.Tensor, c: torch.Tensor | None, cfg: LowRankConfig,
     return L.LowRankWeight(a.to(w.dtype), b.to(w.dtype)), r
 
 
+def level_cost(f: float, d_in: int, d_out: int) -> int:
+    """Numbers a layer stores at level `f`: its factors at the budget's rank, or the dense weight (f = 1, or a rank
+    that would save nothing)."""
+    r = L.rank_for_params(f, d_in, d_out)
+    return r * (d_in + d_out) if f < 1 and L.saves_params(r, d_in, d_out) else d_in * d_out
+
+
+def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
+    """allocation dp: each target Linear factorised alone at each level, the model's output distortion on
+    `curve_samples` windows (the pruning DP's curves, compressor.prune), then the least summed distortion whose
+    stored numbers fit `params` of the total (compressor.allocate). The result: {layer: {params: fraction}}."""
+    import time
+
+    from .. import prune as P
+    from ..allocate import allocate
+    from ..errors import BadInput
+    from ..models import materialize, release
+    from ..runner import stream_fp_layers
+
+    cfg: LowRankConfig = inp.spec.config  # type: ignore[assignment]
+    if cfg.allocation != "dp":
+        return {}
+    ctx = inp.ctx
+    t0 = time.perf_counter()
+    tokens = inp.windows.numel()
+    moments, shapes = {}, {}
+    for name, lin, xtx in stream_fp_layers(inp.model, inp.ckpt, inp.windows, ctx, inp.spec.selects,
+                                           full=cfg.method != "svd"):
+        moments[name] = (xtx / tokens).cpu() if cfg.method != "svd" else None
+        shapes[name] = (lin.out_features, lin.in_features)
+    if not shapes:
+        raise BadInput("lowrank: the recipe's targets select no Linear layer")
+    layers = list(shapes)
+    materialize(inp.model, "", inp.ckpt, ctx.device)
+    try:
+        streams = P.BlockStreams(inp.model, inp.windows[: cfg.curve_samples, : cfg.curve_seq_len], ctx.batch_size, ctx.device)
+        cache: dict[str, Any] = {}
+
+        def variant(name: str, k: int):
+            w = cache["w"] if cache.get("name") == name else inp.model.get_submodule(name).weight.data.clone()
+            if cache.get("name") != name:
+                cache.update(name=name, w=w, eig=None if moments[name] is None or cfg.method != "utilized"
+                             else L.top_eig(moments[name].to(w.device)))
+            f = cfg.levels[k]
+            if f >= 1:
+                return w
+            lw, _ = factorise(w, None if moments[name] is None else moments[name].to(w.device),
+                              cfg.model_copy(update={"params": f}), cache["eig"])
+            return w if lw is None else lw.dequantize(w.dtype)
+
+        curves = P.distortion_curves(streams, inp.model, layers, cfg.levels, variant=variant,
+                                     on_layer=lambda i, n, name: ctx.log(f"lowrank curves {i + 1}/{n} {name}"))
+    finally:
+        release(inp.model, "")
+    costs = [[level_cost(f, shapes[n][1], shapes[n][0]) for f in cfg.levels] for n in layers]
+    total = sum(o * i for o, i in shapes.values())
+    pick = allocate(costs, [curves[n] for n in layers], cfg.params * total, cfg.units)
+    kept = sum(c[k] for c, k in zip(costs, pick)) / total
+    ctx.log(f"lowrank: dp allocation, {kept:.4f} of {total} numbers kept over {len(layers)} layers "
+            f"in {time.perf_counter() - t0:.1f} s")
+    return {n: {"params": cfg.levels[k]} for n, k in zip(layers, pick)}
+
+
 def _needs(cfg: LowRankConfig) -> tuple[bool, bool]:
     return cfg.method != "svd", False
 
 
-@register_pass("lowrank", LowRankConfig, needs=_needs)
+@register_pass("lowrank", LowRankConfig, needs=_needs, plan=plan)
 @torch.no_grad()
 def lowrank(block: nn.Module, io: "BlockIO", cfg: LowRankConfig, ctx: "Context") -> dict[str, L.LowRankWeight]:
     """Low-rank factors of each Linear: onto its utilized subspace, or truncated / activation-aware SVD."""
@@ -74,13 +150,17 @@ def lowrank(block: nn.Module, io: "BlockIO", cfg: LowRankConfig, ctx: "Context")
     last = None  # siblings reading one input share its eigendecomposition
     for name in names:
         w = io.layers[name].weight.data
+        f = io.assignment.get(name, {}).get("params", cfg.params)
+        if f is not None and f >= 1:
+            continue  # the allocation keeps it dense
+        layer_cfg = cfg if f == cfg.params else cfg.model_copy(update={"params": f})
         c = moments[name] / tokens if moments else None
         eig = None
         if cfg.method == "utilized":
             if last is None or last[0].shape != c.shape or not torch.equal(last[0], c):
                 last = (c, L.top_eig(c))
             eig = last[1]
-        lw, r = factorise(w, c, cfg, eig)
+        lw, r = factorise(w, c, layer_cfg, eig)
         if lw is None:
             kept.append(f"{name.rsplit('.', 1)[-1]} (rank {r})")
         else:
