@@ -194,7 +194,9 @@ def manifest_sizes(layers: dict[str, dict]) -> dict[str, Any]:
     def size(v: dict) -> int:
         return v["shape"][0] * v["shape"][1]
 
-    qparams = sum(size(v) for v in layers.values() if v.get("format") != SPARSE_BITMASK)
+    factors = {n for n in layers if layers.get(n.rpartition(".")[0], {}).get("format") == LOWRANK}
+    # a quantized factor of a factorised layer: its bits count, its numbers are the layer's (counted once)
+    qparams = sum(size(v) for n, v in layers.items() if v.get("format") != SPARSE_BITMASK and n not in factors)
     sparams = sum(size(v) for v in layers.values() if v.get("format") == SPARSE_BITMASK)
     qbits = sum(v["bits_per_weight"] * size(v) for v in layers.values())
     extensions = []

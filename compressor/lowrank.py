@@ -17,7 +17,7 @@ back by C^(-1/2): the directions that matter on the data, SVD-LLM's whitening).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -151,6 +151,7 @@ class LowRankWeight:
 
     a: Tensor
     b: Tensor
+    compressed: set = field(default_factory=set)  # factors ("a", "b") a later pass compressed: stored as theirs
 
     def __post_init__(self) -> None:
         if self.a.dim() != 2 or self.b.dim() != 2 or self.a.shape[0] != self.b.shape[1]:
@@ -168,10 +169,12 @@ class LowRankWeight:
         return (self.b.double() @ self.a.double()).to(dtype)
 
     def storage_bits(self) -> int:
-        return (self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()) * 8
+        """Bits of the factors stored as they are (a factor a later pass compressed counts in its own entry)."""
+        return sum(t.numel() * t.element_size() * 8 for k, t in (("a", self.a), ("b", self.b)) if k not in self.compressed)
 
     def to_tensors(self) -> dict[str, Tensor]:
-        return {"a.weight": self.a.detach().contiguous().cpu(), "b.weight": self.b.detach().contiguous().cpu()}
+        return {f"{k}.weight": t.detach().contiguous().cpu() for k, t in (("a", self.a), ("b", self.b))
+                if k not in self.compressed}
 
 
 class LowRankLinear(torch.nn.Module):
@@ -184,6 +187,18 @@ class LowRankLinear(torch.nn.Module):
         self.a = torch.nn.Linear(in_features, rank, bias=False, dtype=dtype, device="meta")
         self.b = torch.nn.Linear(rank, out_features, bias=False, dtype=dtype, device="meta")
         self.bias = torch.nn.Parameter(torch.empty(out_features, dtype=dtype, device="meta")) if bias else None
+
+    @classmethod
+    def of(cls, w: LowRankWeight, bias: Tensor | None) -> "LowRankLinear":
+        """The module of `w` with its factors as weights (the runner puts it in the block, so a later pass in the
+        recipe sees the factors as two Linears, `<layer>.a` and `<layer>.b`, and can quantize them)."""
+        d_out, d_in = w.shape
+        m = cls(d_in, d_out, w.rank, bias is not None, w.a.dtype)
+        m.a.weight = torch.nn.Parameter(w.a.clone(), requires_grad=False)
+        m.b.weight = torch.nn.Parameter(w.b.clone(), requires_grad=False)
+        if bias is not None:
+            m.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return m
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.b(self.a(x))

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .errors import BadInput
 from .models import Checkpoint, checkpoint_key, find_blocks, materialize, release
 from .passes import get_pass
+from .lowrank import LowRankLinear, LowRankWeight
 from .quant import QWeight
 from .recipe import PassSpec, Recipe
 
@@ -374,6 +375,7 @@ def run_blocks(
         layer_role: dict[str, str | None] = {}  # per layer: the mask role of the pass that compressed it
         layer_err: dict[str, float] = {}
         fp_w: dict[str, Tensor] = {}  # each layer's FP weight, for its error after the last pass on it
+        swapped: list[tuple[nn.Module, str, nn.Module]] = []  # layers factorised in this block: put back after it
         for spec, info in specs:
             layers = {f"{prefix}.{n}": m for n, m in block.named_modules()
                       if isinstance(m, nn.Linear) and spec.selects(f"{prefix}.{n}")}
@@ -400,6 +402,23 @@ def run_blocks(
                 layers[n].weight.data = fp_w[n].clone()  # pruning error too, as SparseGPT does)
             result = info.fn(block, io, spec.config, ctx)
             for name, qw in result.items():
+                owner = qweights.get(name.rpartition(".")[0])
+                if isinstance(owner, LowRankWeight):  # a factor of a layer factorised earlier, compressed now
+                    owner.compressed.add(name.rpartition(".")[2])
+                if isinstance(qw, LowRankWeight):  # the block gets the two-Linear module: later passes see factors
+                    lin = layers[name]
+                    holder_name, _, child = name[len(prefix) + 1:].rpartition(".")
+                    holder = block.get_submodule(holder_name) if holder_name else block
+                    module = LowRankLinear.of(qw, lin.bias)
+                    setattr(holder, child, module)
+                    swapped.append((holder, child, lin))
+                    fp_w[f"{name}.a"], fp_w[f"{name}.b"] = module.a.weight.data.clone(), module.b.weight.data.clone()
+                    qweights[name] = qw
+                    layer_pass[name] = spec.name
+                    layer_role[name] = info.mask_role(spec.config)
+                    layer_err[name] = float((qw.dequantize(fp_w[name].dtype) - fp_w[name]).norm()
+                                            / fp_w[name].norm().clamp_min(1e-30))
+                    continue
                 layers[name].weight.data = qw.dequantize(layers[name].weight.dtype)  # hand on what the loader sees
                 qweights[name] = qw
                 layer_pass[name] = spec.name
@@ -413,6 +432,8 @@ def run_blocks(
             if needs_targets:
                 fp_inputs = io.targets
             del fp_out
+        for holder, child, lin in swapped:  # the skeleton keeps its own structure for the artifact and later stages
+            setattr(holder, child, lin)
         res = BlockResult(qweights, layer_pass, layer_err, out_err, time.perf_counter() - t0)
         if finishing:
             kept.append((i, prefix, res))
@@ -451,7 +472,11 @@ def block_tensors(model: nn.Module, ckpt: Checkpoint, prefix: str, qweights: dic
     quant_keys = {}
     for name, qw in qweights.items():
         key = checkpoint_key(model, ckpt, f"{name}.weight")
-        assert key is not None
+        if key is None:  # a factor of a factorised layer (`<layer>.a`): named after that layer's checkpoint key
+            parent, _, child = name.rpartition(".")
+            pkey = checkpoint_key(model, ckpt, f"{parent}.weight")
+            assert pkey is not None and isinstance(qweights.get(parent), LowRankWeight), name
+            key = f"{pkey[: -len('weight')]}{child}.weight"
         quant_keys[key] = qw
         for suffix, t in qw.to_tensors().items():
             out[key[: -len("weight")] + suffix] = t

@@ -185,3 +185,40 @@ def test_lowrank_dp_allocation_keeps_the_budget(tmp_path, tiny_llama, small_cali
         assert (name in meta["layers"]) == (level_cost(v["params"], lin.in_features, lin.out_features)
                                             < lin.in_features * lin.out_features)
     assert stored <= 0.5 * total
+
+
+def test_factors_quantized_by_a_later_pass(tmp_path, tiny_llama, small_calib):
+    """lowrank at half the numbers, then rtn W8 (per channel) on every Linear: the later pass sees the factors as
+    `<layer>.a` / `<layer>.b` and quantizes them; the artifact stores their codes (no float factor left), counts
+    every weight once in bits per weight (8-bit factors of half the numbers: about 4 bits), and loads with logits
+    equal to the FP model with each weight replaced by the product of its dequantized factors."""
+    import json
+
+    from safetensors import safe_open
+
+    import compressor
+    from compressor.models import Checkpoint, materialize, skeleton
+    from compressor.quant import qweight_from_tensors
+
+    out = tmp_path / "art"
+    body = "    params: 0.5\n  - pass: rtn\n    bits: 8\n    group_size: -1\n    symmetric: true\n"
+    compressor.compress(str(tiny_llama), _recipe(tmp_path, body), out, calib=[small_calib], device="cpu")
+    meta = json.loads((out / "compression.json").read_text())
+    lowrank = [n for n, v in meta["layers"].items() if v.get("format") == "lowrank"]
+    assert len(lowrank) == 14
+    assert all(meta["layers"][f"{n}.{f}"]["bits"] == 8 for n in lowrank for f in "ab")
+    assert all(meta["layers"][n]["bits_per_weight"] == 0 for n in lowrank)
+    assert 3.8 < meta["bits_per_weight"] < 4.8, meta["bits_per_weight"]
+    ref = skeleton(tiny_llama)
+    materialize(ref, "", Checkpoint(tiny_llama))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert not any(k.endswith((".a.weight", ".b.weight")) for k in keys)
+        for n in lowrank:
+            a, b = (qweight_from_tensors({s: f.get_tensor(f"{n}.{x}.{s}") for s in ("weight_packed", "weight_scale",
+                                          "weight_shape")}, 8, -1).dequantize() for x in "ab")
+            ref.get_submodule(n).weight.data = b @ a
+    ids = torch.tensor([[1, 504, 3037, 314, 253, 3289, 28, 1812]])
+    with torch.no_grad():
+        got, want = compressor.load(out)(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert (got - want).abs().max() < 1e-4 * max(1.0, float(want.abs().max()))
