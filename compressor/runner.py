@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .errors import BadInput
 from .models import Checkpoint, checkpoint_key, find_blocks, materialize, release
-from .passes import get_pass
+from .passes import PassInfo, get_pass
 from .lowrank import LowRankLinear, LowRankWeight
 from .quant import QWeight
 from .recipe import PassSpec, Recipe
@@ -309,16 +309,19 @@ def stream_fp_layers(model: nn.Module, ckpt: Checkpoint, windows: Tensor, ctx: C
         release(model, prefix)
 
 
-def check_targets(blocks_prefix: str, blocks: nn.ModuleList, recipe: Recipe) -> None:
+def check_targets(blocks_prefix: str, blocks: nn.ModuleList, specs: list[tuple[PassSpec, PassInfo]]) -> None:
     """A pass whose targets select no Linear inside the blocks is an error before anything runs (a mistyped
-    regex would otherwise write an artifact with nothing compressed)."""
+    regex would otherwise write an artifact with nothing compressed). After a factorising pass, the factors
+    `<layer>.a` / `<layer>.b` of the layers it selects are names later passes may select too."""
     names = [f"{blocks_prefix}.{i}.{n}" for i, b in enumerate(blocks) for n, m in b.named_modules()
              if isinstance(m, nn.Linear)]
-    for k, spec in enumerate(recipe.passes):
+    for k, (spec, info) in enumerate(specs):
         if not any(spec.selects(n) for n in names):
             sel = f"targets {list(spec.targets)}" + (f" minus ignore {list(spec.ignore)}" if spec.ignore else "")
             raise BadInput(f"pass {k + 1} ({spec.name}): its {sel} select no Linear inside the model's blocks "
                            f"(names look like {names[0]!r})")
+        if info.factors:
+            names += [f"{n}.{f}" for n in names if spec.selects(n) for f in "ab"]
 
 
 def run_blocks(
@@ -338,7 +341,7 @@ def run_blocks(
     for spec, info in specs:
         if info.kind != "block":
             raise BadInput(f"pass {spec.name!r} is a planner; this runner applies block passes only")
-    check_targets(blocks_prefix, blocks, recipe)
+    check_targets(blocks_prefix, blocks, specs)
     for i, (spec, info) in enumerate(specs):
         if info.plan is not None and not spec.assignment:
             ctx.log(f"{spec.name}: planning")

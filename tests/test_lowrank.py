@@ -138,8 +138,8 @@ def test_lowrank_config_needs_params_for_the_svd_baselines():
 def test_utilized_beats_plain_svd_on_the_demo(tmp_path, demo_path, persuasion):
     """The MLPs of the demo's blocks 0-3 at half their numbers (calibration: 8 windows of 256 tokens of
     Northanger Abbey): KL to the base model on held-out Persuasion (2 windows of 256) is lower with the utilized
-    subspace than with truncated SVD of W, and activation-aware SVD is lower still or close (it minimises the
-    layer's output error outright)."""
+    subspace than with truncated SVD of W, and activation-aware SVD is lower still (it minimises the layer's output
+    error outright). Measured (seed 0, 1 thread): KL utilized 3.718, svd 7.087, asvd 2.538."""
     from conftest import AUSTEN
 
     import compressor
@@ -149,12 +149,12 @@ def test_utilized_beats_plain_svd_on_the_demo(tmp_path, demo_path, persuasion):
     for method in ("utilized", "svd", "asvd"):
         out = tmp_path / method
         body = (f"    method: {method}\n    params: 0.5\n"
-                "    targets: ['re:model\\\\.layers\\\\.[0-3]\\\\.mlp\\\\.\\\\w+_proj$']\n")
+                "    targets: ['re:model\\.layers\\.[0-3]\\.mlp\\.\\w+_proj$']\n")
         compressor.compress("demo", _recipe(tmp_path, body, samples=8, seq_len=256), out,
                             calib=[AUSTEN / "northangerabbey.txt"], device="cpu")
         kls[method] = evaluate(str(out), [persuasion], max_tokens=512, seq_len=256, base="demo", device="cpu")["kl_to_base"]
-    assert kls["utilized"] < 0.8 * kls["svd"], kls
-    assert kls["asvd"] < 1.2 * kls["utilized"], kls
+    assert kls["utilized"] < 0.65 * kls["svd"], kls
+    assert kls["asvd"] < 0.9 * kls["utilized"], kls
 
 
 def test_lowrank_dp_allocation_keeps_the_budget(tmp_path, tiny_llama, small_calib):

@@ -61,6 +61,8 @@ class PassInfo:
     masks: Literal["makes", "keeps"] | Callable[[Any], str | None] | None = None  # "makes": the pass prunes (its
     # results are SparseWeight); "keeps": a quantizer that, after a pruning pass on the same layers, keeps the
     # pruned weights at zero; a callable: the role by config (EvoPress prunes or quantizes, by its level space)
+    factors: bool = False  # True: the pass may replace a layer by two factor Linears, <layer>.a and <layer>.b,
+    # which later passes of the recipe select by those names
 
     def mask_role(self, cfg: Any) -> str | None:
         """"makes", "keeps" or None under this config."""
@@ -80,7 +82,8 @@ PASSES: dict[str, PassInfo] = {}
 def register_pass(name: str, config: type[PassConfig], kind: Literal["block", "planner"] = "block",
                   needs_data: bool = True, needs_targets: bool = False, plan: Callable | None = None,
                   finish: Callable | None = None, needs: Callable | None = None,
-                  masks: Literal["makes", "keeps"] | Callable[[Any], str | None] | None = None):
+                  masks: Literal["makes", "keeps"] | Callable[[Any], str | None] | None = None,
+                  factors: bool = False):
     """Decorator: register `fn` under `name`. A second registration of a name is an error."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -88,7 +91,7 @@ def register_pass(name: str, config: type[PassConfig], kind: Literal["block", "p
             raise ValueError(f"pass {name!r} is already registered (by {PASSES[name].fn.__module__})")
         doc = (fn.__doc__ or "").strip().splitlines()
         PASSES[name] = PassInfo(name, config, fn, kind, needs_data or needs_targets, needs_targets,
-                                 doc[0] if doc else "", plan, finish, needs, masks)
+                                 doc[0] if doc else "", plan, finish, needs, masks, factors)
         return fn
 
     return wrap

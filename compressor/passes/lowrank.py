@@ -139,7 +139,7 @@ def _needs(cfg: LowRankConfig) -> tuple[bool, bool]:
     return cfg.method != "svd", False
 
 
-@register_pass("lowrank", LowRankConfig, needs=_needs, plan=plan)
+@register_pass("lowrank", LowRankConfig, needs=_needs, plan=plan, factors=True)
 @torch.no_grad()
 def lowrank(block: nn.Module, io: "BlockIO", cfg: LowRankConfig, ctx: "Context") -> dict[str, L.LowRankWeight]:
     """Low-rank factors of each Linear: onto its utilized subspace, or truncated / activation-aware SVD."""
