@@ -525,14 +525,15 @@ def utilization(model: str = "demo", calib: list[str | Path] | None = None, samp
     ctx = Context(device=dev, seed=seed, log=log)
     n_tok = windows.numel()
     rows = []
-    last: tuple[torch.Tensor, tuple] | None = None  # siblings (q/k/v, gate/up) read one input: one eigh for them
+    # (X^T X, its mean, its eigendecomposition); siblings (q/k/v, gate/up) read one input: one eigh for them
+    last: tuple[torch.Tensor, torch.Tensor, tuple] | None = None
     for name, lin, xtx in stream_fp_layers(skel, ckpt, windows, ctx, lambda n: True, full=True):
         w = lin.weight.data
         if last is None or last[0].shape != xtx.shape or not torch.equal(last[0], xtx):
-            last = (xtx, LR.top_eig(xtx / n_tok))
+            last = (xtx, xtx / n_tok, LR.top_eig(xtx / n_tok))
         row: dict[str, Any] = {"layer": name, "d_in": lin.in_features, "d_out": lin.out_features, "by_tau": {}}
         for tau in taus:
-            sub = LR.utilized_subspaces(w, xtx / n_tok, tau, eig=last[1])
+            sub = LR.utilized_subspaces(w, last[1], tau, eig=last[2])
             row["by_tau"][str(tau)] = {"k_in": sub.u_in.shape[1], "k_out": sub.u_out.shape[1], "rank": sub.rank,
                                        "utilization": round(sub.utilization(), 6),
                                        "saves_params": LR.saves_params(sub.rank, lin.in_features, lin.out_features)}

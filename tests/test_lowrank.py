@@ -222,3 +222,54 @@ def test_factors_quantized_by_a_later_pass(tmp_path, tiny_llama, small_calib):
     with torch.no_grad():
         got, want = compressor.load(out)(input_ids=ids).logits, ref(input_ids=ids).logits
     assert (got - want).abs().max() < 1e-4 * max(1.0, float(want.abs().max()))
+
+
+def test_utilization_command_matches_a_direct_computation(tmp_path, tiny_llama, small_calib):
+    """`compress utilization` on the tiny Llama: the JSON on stdout equals the --out file, a plot is written, every
+    Linear of both blocks has a row, a higher tau never gives a lower rank, and block 0's q_proj (whose input is the
+    embedding output through the input norm) gets the ranks computed here directly from its hooked inputs."""
+    import json
+
+    from conftest import run_cli
+
+    from compressor.data import load_windows
+    from compressor.api import load_tokenizer
+    from compressor.models import load_dense, resolve_model
+
+    out, plot = tmp_path / "util.json", tmp_path / "util.png"
+    r = run_cli("utilization", str(tiny_llama), "--calib", str(small_calib), "--samples", "4", "--seq-len", "32",
+                "--tau", "0.9,0.999", "--out", str(out), "--plot", str(plot), "--json", "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    assert res == json.loads(out.read_text()) and plot.stat().st_size > 1000
+    assert len(res["layers"]) == 14 and res["tokens"] == 4 * 32
+    for row in res["layers"]:
+        lo, hi = row["by_tau"]["0.9"], row["by_tau"]["0.999"]
+        assert 1 <= lo["rank"] <= hi["rank"] <= min(row["d_in"], row["d_out"]), row
+    mean = sum(row["by_tau"]["0.9"]["utilization"] for row in res["layers"]) / 14
+    assert res["mean_utilization"]["0.9"] == pytest.approx(mean, abs=1e-6)
+
+    src = resolve_model(str(tiny_llama))
+    windows, _ = load_windows(load_tokenizer(src.path), [small_calib], 4, 32, 0)
+    model = load_dense(src)
+    q = model.model.layers[0].self_attn.q_proj
+    xs = []
+    h = q.register_forward_hook(lambda m, i, o: xs.append(i[0].reshape(-1, i[0].shape[-1]).double()))
+    with torch.no_grad():
+        model(windows)
+    h.remove()
+    x = torch.cat(xs)
+    c = x.T @ x / x.shape[0]
+    for tau in ("0.9", "0.999"):
+        sub = L.utilized_subspaces(q.weight.data, c, float(tau))
+        got = next(row for row in res["layers"] if row["layer"] == "model.layers.0.self_attn.q_proj")["by_tau"][tau]
+        assert (got["k_in"], got["k_out"], got["rank"]) == (sub.u_in.shape[1], sub.u_out.shape[1], sub.rank), tau
+
+
+def test_utilization_command_rejects_a_bad_tau(tiny_llama, small_calib, tmp_path):
+    from conftest import run_cli
+
+    r = run_cli("utilization", str(tiny_llama), "--calib", str(small_calib), "--tau", "0.99,1.5",
+                "--out", str(tmp_path / "u.json"))
+    assert r.returncode == 2 and "error:" in r.stderr and "--tau" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "u.json").exists()
