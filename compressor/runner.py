@@ -309,19 +309,24 @@ def stream_fp_layers(model: nn.Module, ckpt: Checkpoint, windows: Tensor, ctx: C
         release(model, prefix)
 
 
-def check_targets(blocks_prefix: str, blocks: nn.ModuleList, specs: list[tuple[PassSpec, PassInfo]]) -> None:
+def check_targets(blocks_prefix: str, blocks: nn.ModuleList, specs: list[tuple[PassSpec, PassInfo]]) -> int:
     """A pass whose targets select no Linear inside the blocks is an error before anything runs (a mistyped
     regex would otherwise write an artifact with nothing compressed). After a factorising pass, the factors
-    `<layer>.a` / `<layer>.b` of the layers it selects are names later passes may select too."""
-    names = [f"{blocks_prefix}.{i}.{n}" for i, b in enumerate(blocks) for n, m in b.named_modules()
+    `<layer>.a` / `<layer>.b` of the layers it selects are names later passes may select too. Returns the index
+    of the last block any pass selects a layer in: the blocks after it need no forward."""
+    names = [(i, f"{blocks_prefix}.{i}.{n}") for i, b in enumerate(blocks) for n, m in b.named_modules()
              if isinstance(m, nn.Linear)]
+    last = 0
     for k, (spec, info) in enumerate(specs):
-        if not any(spec.selects(n) for n in names):
+        chosen = [(i, n) for i, n in names if spec.selects(n)]
+        if not chosen:
             sel = f"targets {list(spec.targets)}" + (f" minus ignore {list(spec.ignore)}" if spec.ignore else "")
             raise BadInput(f"pass {k + 1} ({spec.name}): its {sel} select no Linear inside the model's blocks "
-                           f"(names look like {names[0]!r})")
+                           f"(names look like {names[0][1]!r})")
+        last = max(last, chosen[-1][0])
         if info.factors:
-            names += [f"{n}.{f}" for n in names if spec.selects(n) for f in "ab"]
+            names += [(i, f"{n}.{f}") for i, n in chosen for f in "ab"]
+    return last
 
 
 def run_blocks(
@@ -341,7 +346,7 @@ def run_blocks(
     for spec, info in specs:
         if info.kind != "block":
             raise BadInput(f"pass {spec.name!r} is a planner; this runner applies block passes only")
-    check_targets(blocks_prefix, blocks, specs)
+    last_block = check_targets(blocks_prefix, blocks, specs)
     for i, (spec, info) in enumerate(specs):
         if info.plan is not None and not spec.assignment:
             ctx.log(f"{spec.name}: planning")
@@ -366,6 +371,9 @@ def run_blocks(
         t0 = time.perf_counter()
         prefix = f"{blocks_prefix}.{i}"
         materialize(model, prefix, ckpt, ctx.device)
+        if i > last_block and needs_data:  # nothing selected from here on: no pass reads these blocks' inputs
+            needs_data = needs_targets = False
+            inputs, fp_inputs = [], []
         io = BlockIO(prefix, inputs, kwargs, {})
         if needs_targets and fp_inputs is inputs:  # block 0: the FP block's output is the target too
             fp_out = io.forward(block)

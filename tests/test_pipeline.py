@@ -124,3 +124,29 @@ def test_flexround_artifact_opens_in_transformers(tmp_path, tiny_llama):
     with torch.no_grad():
         d = (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max().item()
     assert d < 1e-3, f"max_diff={d:.3g}"
+
+
+def test_blocks_after_the_last_target_are_copied_without_a_forward(tmp_path, tiny_llama, small_calib):
+    """GPTQ on block 0 only of the tiny Llama: block 0's codes are those of the same pass in a run over both
+    blocks (block 0 sees the same inputs either way), block 1 is stored as the FP checkpoint, and no block output
+    error is reported for block 1 (it was not run forward: nothing after block 0 reads its output)."""
+    from compressor.models import Checkpoint, resolve_model
+
+    arts = {}
+    for name, targets in (("first", r"    targets: ['re:model\.layers\.0\.']" + "\n"), ("all", "")):
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text("version: 1\npasses:\n  - pass: gptq\n    bits: 4\n    group_size: 32\n" + targets)
+        out = tmp_path / name
+        r = run_cli("model", str(tiny_llama), "--recipe", str(recipe), "--out", str(out), "--samples", "4",
+                    "--seq-len", "32", "--calib", str(small_calib), "--json")
+        assert r.returncode == 0, r.stderr[-2000:]
+        arts[name] = (load_file(out / "model.safetensors"), json.loads((out / "compression.json").read_text()))
+    (first, m_first), (full, _) = arts["first"], arts["all"]
+    assert set(m_first["metrics"]["block_output_rel_mse"]) == {"model.layers.0"}
+    assert {n.split(".")[2] for n in m_first["layers"]} == {"0"} and len(m_first["layers"]) == 7
+    for k, v in first.items():
+        if k.startswith("model.layers.0.") and "proj" in k:
+            assert torch.equal(v, full[k]), k
+    ckpt = Checkpoint(resolve_model(str(tiny_llama)).path)
+    for k in (k for k in first if k.startswith("model.layers.1.")):
+        assert torch.equal(first[k], ckpt.get(k).to(first[k].dtype)), k
