@@ -9,7 +9,7 @@ import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -347,6 +347,28 @@ def generate_cmd(
                   f"({res['device']}, {res['dtype']}{kern})", highlight=False)
 
 
+def _numbers(text: str, conv: Callable[[str], Any], flag: str, example: str) -> list:
+    """A comma-separated option (`--tau 0.99,0.999`) as a list, or a BadInput naming the option."""
+    try:
+        return [conv(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BadInput(f"{flag} {text!r}: expected comma-separated {example}") from None
+
+
+def _no_dirs(**files: Optional[Path]) -> None:
+    """An output file option that names a directory is an error before the work starts."""
+    for flag, f in files.items():
+        if f is not None and f.is_dir():
+            raise BadInput(f"--{flag} {f} is a directory")
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """`write` a temporary file beside `path` (same suffix), then rename it over: no half-written output."""
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 @app.command("sensitivity")
 def sensitivity_cmd(
     model: str = MODEL,
@@ -366,18 +388,12 @@ def sensitivity_cmd(
 
     _quiet(quiet)
     with _guard():
-        try:
-            ns = [int(x) for x in intervals.split(",") if x.strip()]
-        except ValueError:
-            raise BadInput(f"--intervals {intervals!r}: expected comma-separated integers such as 4,8,16") from None
-        if out is not None and out.exists() and out.is_dir():
-            raise BadInput(f"--out {out} is a directory")
+        ns = _numbers(intervals, int, "--intervals", "integers such as 4,8,16")
+        _no_dirs(out=out)
         res = sensitivity(model, recipe, calib, samples, seq_len, seed, ns, device,
                           log=lambda m: err.print(m, highlight=False))
         if out is not None:
-            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(res, indent=2) + "\n")
-            os.replace(tmp, out)
+            _write_atomic(out, lambda p: p.write_text(json.dumps(res, indent=2) + "\n"))
         if as_json:
             sys.stdout.write(json.dumps(res) + "\n")
             return
@@ -407,22 +423,13 @@ def utilization_cmd(
 
     _quiet(quiet)
     with _guard():
-        try:
-            taus = [float(x) for x in tau.split(",") if x.strip()]
-        except ValueError:
-            raise BadInput(f"--tau {tau!r}: expected comma-separated fractions such as 0.99,0.999") from None
-        for f, what in ((out, "--out"), (plot, "--plot")):
-            if f is not None and f.exists() and f.is_dir():
-                raise BadInput(f"{what} {f} is a directory")
+        taus = _numbers(tau, float, "--tau", "fractions such as 0.99,0.999")
+        _no_dirs(out=out, plot=plot)
         res = utilization(model, calib, samples, seq_len, seed, taus, device, log=lambda m: err.print(m, highlight=False))
         if plot is not None:
-            tmp = plot.with_name(f".{plot.name}.tmp-{os.getpid()}.png")
-            utilization_plot(res, tmp)
-            os.replace(tmp, plot)
+            _write_atomic(plot, lambda p: utilization_plot(res, p))
         if out is not None:
-            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(res, indent=2) + "\n")
-            os.replace(tmp, out)
+            _write_atomic(out, lambda p: p.write_text(json.dumps(res, indent=2) + "\n"))
         if as_json:
             sys.stdout.write(json.dumps(res) + "\n")
             return

@@ -76,6 +76,16 @@ def test_output_rel_err_is_the_data_error():
     assert L.rank_for_params(0.5, 64, 64) == 16 and not L.saves_params(32, 64, 64)
 
 
+def _assert_same_logits(art, ref, rel: float) -> None:
+    """compressor.load(art) and the reference model give the same logits on a fixed prompt (to `rel` of their size)."""
+    import compressor
+
+    ids = torch.tensor([[1, 504, 3037, 314, 253, 3289, 28, 1812]])
+    with torch.no_grad():
+        got, want = compressor.load(art)(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert (got - want).abs().max() < rel * max(1.0, float(want.abs().max()))
+
+
 def _recipe(tmp_path, body: str, samples: int = 4, seq_len: int = 32) -> str:
     f = tmp_path / "lowrank.yaml"
     f.write_text(f"version: 1\ncalibration: {{samples: {samples}, seq_len: {seq_len}, seed: 0}}\npasses:\n  - pass: lowrank\n" + body)
@@ -109,10 +119,7 @@ def test_lowrank_artifact_loads_as_the_factor_product(tmp_path, tiny_llama, smal
     materialize(ref, "", Checkpoint(tiny_llama))
     for n, (a, b) in factors.items():
         ref.get_submodule(n).weight.data = b @ a
-    ids = torch.tensor([[1, 504, 3037, 314, 253, 3289, 28, 1812]])
-    with torch.no_grad():
-        got, want = compressor.load(out)(input_ids=ids).logits, ref(input_ids=ids).logits
-    assert (got - want).abs().max() < 1e-5 * max(1.0, float(want.abs().max()))
+    _assert_same_logits(out, ref, 1e-5)
 
 
 def test_lowrank_keeps_layers_whose_rank_saves_nothing(tmp_path, tiny_llama, small_calib):
@@ -218,10 +225,7 @@ def test_factors_quantized_by_a_later_pass(tmp_path, tiny_llama, small_calib):
             a, b = (qweight_from_tensors({s: f.get_tensor(f"{n}.{x}.{s}") for s in ("weight_packed", "weight_scale",
                                           "weight_shape")}, 8, -1).dequantize() for x in "ab")
             ref.get_submodule(n).weight.data = b @ a
-    ids = torch.tensor([[1, 504, 3037, 314, 253, 3289, 28, 1812]])
-    with torch.no_grad():
-        got, want = compressor.load(out)(input_ids=ids).logits, ref(input_ids=ids).logits
-    assert (got - want).abs().max() < 1e-4 * max(1.0, float(want.abs().max()))
+    _assert_same_logits(out, ref, 1e-4)
 
 
 def test_utilization_command_matches_a_direct_computation(tmp_path, tiny_llama, small_calib):
