@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -158,7 +159,9 @@ def database_key(parts: dict) -> str:
 
 class Database:
     """Compressed variants of every layer at every level, one safetensors file per layer under `root`
-    (tensor "level{k}", float16, the dequantized weight), and meta.json (the key, levels, layers)."""
+    (tensor "level{k}", float16, the dequantized weight; the key in its metadata), and meta.json (the key, levels,
+    layers), written last. A build that stopped part way resumes: a block whose layers' files all carry the key is
+    kept (only its FP forward runs again)."""
 
     def __init__(self, root: Path, key: str, space: LevelSpace):
         self.root, self.key, self.space = Path(root), key, space
@@ -173,8 +176,21 @@ class Database:
     def write_layer(self, name: str, variants: list[Tensor]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".{name}.tmp.safetensors"
-        save_file({f"level{k}": v.detach().to(torch.float16).contiguous().cpu() for k, v in enumerate(variants)}, str(tmp))
+        save_file({f"level{k}": v.detach().to(torch.float16).contiguous().cpu() for k, v in enumerate(variants)}, str(tmp),
+                  metadata={"key": self.key})
         tmp.replace(self.root / f"{name}.safetensors")
+
+    def has_layer(self, name: str) -> bool:
+        """The layer's variants are on disk, written under this database's key (by this build or an earlier,
+        interrupted one)."""
+        f = self.root / f"{name}.safetensors"
+        if not f.is_file():
+            return False
+        try:
+            with safe_open(str(f), "pt") as h:
+                return (h.metadata() or {}).get("key") == self.key
+        except Exception:  # a truncated or foreign file: built again
+            return False
 
     def finish(self) -> None:
         (self.root / "meta.json").write_text(json.dumps({"key": self.key, "levels": list(self.space.values),

@@ -130,7 +130,10 @@ def build_database(inp: "PlanInput", cfg: EvoPressConfig, db: E.Database) -> Non
         materialize(model, prefix, inp.ckpt, ctx.device)
         layers = {n: m for n, m in ((f"{prefix}.{n}", m) for n, m in block.named_modules()) if n in db.space.layers}
         variants: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-        if cfg.space == "sparsity":
+        kept = all(db.has_layer(n) for n in layers)  # from an interrupted build: only the FP forward is needed
+        if kept:
+            variants = {}
+        elif cfg.space == "sparsity":
             for n, m in layers.items():
                 variants[n] = [P.pruned(m.weight.data, s).weight for s in cfg.level_values]
         else:
@@ -146,7 +149,7 @@ def build_database(inp: "PlanInput", cfg: EvoPressConfig, db: E.Database) -> Non
             db.write_layer(n, vs)
         if needs_data:
             inputs = BlockIO(prefix, inputs, kwargs, {}).forward(block)
-        ctx.log(f"evopress database: block {i + 1}/{len(blocks)}")
+        ctx.log(f"evopress database: block {i + 1}/{len(blocks)}" + (" (kept from an earlier build)" if kept else ""))
         release(model, prefix)
     db.finish()
 
