@@ -8,7 +8,8 @@ Search"): per-layer compression levels under a global budget, found by a (1 + la
   neighbouring levels inside every size group), `mutate`: min(U{1,3}, U{1,3}) switches.
 - `evolve`: each generation draws `offspring` distinct mutants of the parent, then selects in stages: each stage
   scores the survivors on a fresh random minibatch (more tokens each stage) and keeps the best few; the parent
-  competes in the last stage. The fitness is any callable (state, stage, rng) -> float, lower is better.
+  competes in the last stage. The fitness is any callable (state, stage, rng) -> float, lower is better. With a
+  checkpoint file an interrupted search goes on from its last generation.
 - `Database`: every layer's compressed variant at every level (dequantized, float16), on disk under one
   directory (one safetensors file per layer), built block by block and reused across searches when the model,
   candidate pass, settings and calibration are the same.
@@ -115,17 +116,28 @@ class Trace:
 
 def evolve(space: LevelSpace, fitness: Callable[[State, int, torch.Generator], float], start: State,
            generations: int, offspring: int, survivors: list[int], seed: int = 0,
-           on_generation: Callable[[dict], None] = lambda info: None) -> tuple[State, Trace]:
+           on_generation: Callable[[dict], None] = lambda info: None,
+           checkpoint: Path | None = None) -> tuple[State, Trace]:
     """(1 + lambda) evolution with multi-step selection (see the module docstring). `survivors[j]`: how many of
-    stage j's candidates go on (the last must be 1); stage j's fitness is fitness(state, j, rng)."""
+    stage j's candidates go on (the last must be 1); stage j's fitness is fitness(state, j, rng).
+
+    `checkpoint`: a JSON file written after every generation (parent, trace, random state). A search that finds
+    one from the same start and seed, at most `generations` in, goes on from there and ends where the
+    uninterrupted search would (the fitness must be a function of state, stage and rng alone); the caller keys
+    the file by everything else that the search depends on. More generations than the file holds extend it."""
     if not survivors or survivors[-1] != 1 or any(b > a for a, b in zip(survivors, survivors[1:])) or survivors[0] > offspring:
         raise BadInput(f"survivors per stage must decrease to 1 and start at most at offspring ({offspring}): {survivors}")
     rng = torch.Generator().manual_seed(seed)
     parent = start
     trace = Trace()
-    t0 = time.perf_counter()
     best_fit = None
-    for gen in range(generations):
+    if checkpoint is not None and checkpoint.is_file():
+        ck = json.loads(checkpoint.read_text())
+        if ck.get("start") == list(start) and ck.get("seed") == seed and len(ck["trace"]) <= generations:
+            parent, best_fit, trace.generations = tuple(ck["parent"]), ck["fitness"], ck["trace"]
+            rng.set_state(torch.tensor(ck["rng"], dtype=torch.uint8))
+    t0 = time.perf_counter() - (trace.generations[-1]["seconds"] if trace.generations else 0.0)
+    for gen in range(len(trace.generations), generations):
         kids: list[State] = []
         tries = 0
         while len(kids) < offspring and tries < 50 * offspring:
@@ -147,6 +159,11 @@ def evolve(space: LevelSpace, fitness: Callable[[State, int, torch.Generator], f
         info = {"generation": gen + 1, "fitness": best_fit, "average": space.average(parent),
                 "seconds": round(time.perf_counter() - t0, 2)}
         trace.generations.append(info)
+        if checkpoint is not None:
+            tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+            tmp.write_text(json.dumps({"start": list(start), "seed": seed, "parent": list(parent), "fitness": best_fit,
+                                       "rng": rng.get_state().tolist(), "trace": trace.generations}))
+            tmp.replace(checkpoint)
         on_generation(info)
     return parent, trace
 

@@ -82,6 +82,33 @@ def test_search_reaches_the_dp_optimum_of_an_additive_problem():
     assert all(b <= a + 1e-12 for a, b in zip(fits, fits[1:]))  # deterministic fitness: the parent never worsens
 
 
+def test_an_interrupted_search_goes_on_from_its_checkpoint(tmp_path):
+    """A search stopped after 7 generations and started again with the same checkpoint ends where the
+    uninterrupted one does: the same state and the same trace, the fitness noise (drawn from the stage's rng)
+    included; the checkpoint then extends to more generations, and a different start ignores it."""
+    space = _space((6, 6, 4))
+    errors = {n: [(i + 1) * 2.0 ** (-2 * v) for v in space.values] for i, n in enumerate(space.layers)}
+
+    def fitness(state, stage, rng):
+        return sum(errors[n][k] for n, k in zip(space.layers, state)) + 1e-3 * float(torch.rand(1, generator=rng))
+
+    start = E.initial_state(space, 3.0)
+    run = dict(offspring=6, survivors=[2, 1], seed=3)
+    full, full_trace = E.evolve(space, fitness, start, generations=20, **run)
+    ck = tmp_path / "search.json"
+    E.evolve(space, fitness, start, generations=7, checkpoint=ck, **run)
+    assert len(json.loads(ck.read_text())["trace"]) == 7
+    resumed, trace = E.evolve(space, fitness, start, generations=20, checkpoint=ck, **run)
+    strip = lambda t: [{k: v for k, v in g.items() if k != "seconds"} for g in t.to_json()]  # noqa: E731
+    assert resumed == full and strip(trace) == strip(full_trace)
+    longer, _ = E.evolve(space, fitness, start, generations=25, checkpoint=ck, **run)
+    assert len(json.loads(ck.read_text())["trace"]) == 25
+    assert longer == E.evolve(space, fitness, start, generations=25, **run)[0]
+    other = tuple(reversed(start))
+    _, fresh = E.evolve(space, fitness, other, generations=3, checkpoint=ck, **run)
+    assert [g["generation"] for g in fresh.to_json()] == [1, 2, 3]
+
+
 @pytest.fixture(scope="module")
 def demo_fp(demo_path):
     return demo_model_and_windows(demo_path, 3, 24)

@@ -187,20 +187,31 @@ def _search(inp: "PlanInput", cfg: EvoPressConfig, space: E.LevelSpace, variants
 
     from ..models import materialize, release
 
+    from ..data import sha256_file
+
     ctx = inp.ctx
+    pool = inp.windows[: cfg.fitness_samples, : cfg.fitness_seq_len]
+    # the search's checkpoint: keyed by what its course depends on (not `generations`: more of them extend it)
+    ck_key = E.database_key({"spec": {k: v for k, v in inp.spec.to_yaml_dict().items() if k != "generations"},
+                             "model": [sha256_file(f) for f in sorted({Path(f) for f in inp.ckpt.files.values()})],
+                             "pool": E.database_key({"w": pool.tolist()}), "variants": extra.get("database_key"),
+                             "device": str(ctx.device)})
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = trace_dir / f"search-{ck_key}.json"
+    if checkpoint.is_file():
+        ctx.log(f"evopress: going on from the search checkpoint {checkpoint}")
     materialize(inp.model, "", inp.ckpt, ctx.device)
     try:
-        pool = inp.windows[: cfg.fitness_samples, : cfg.fitness_seq_len]
         fit = E.KLFitness(inp.model, pool, space.layers, variants, cfg.stage_windows, cfg.topk, ctx.device)
         unit = {"bits": "bits", "sparsity": "sparsity", "depth": "dropped"}[cfg.space]
         state, trace = E.evolve(space, fit, start, cfg.generations, cfg.offspring, cfg.survivors, seed=ctx.seed,
                                 on_generation=lambda g: ctx.log(f"evopress generation {g['generation']}/{cfg.generations}: "
-                                                                f"KL {g['fitness']:.5f}, {g['average']:.3f} {unit}, {g['seconds']:.0f} s"))
+                                                                f"KL {g['fitness']:.5f}, {g['average']:.3f} {unit}, {g['seconds']:.0f} s"),
+                                checkpoint=checkpoint)
         start_fit = fit.kl(start, list(range(len(pool)))) if cfg.generations else None
         final_fit = fit.kl(state, list(range(len(pool)))) if cfg.generations else None
     finally:
         release(inp.model, "")
-    trace_dir.mkdir(parents=True, exist_ok=True)
     (trace_dir / f"trace-{E.database_key(inp.spec.to_yaml_dict())}.json").write_text(json.dumps(
         {"space": cfg.space, "target": cfg.target, "start_average": space.average(start), "average": space.average(state),
          "start_fitness_pool": start_fit, "final_fitness_pool": final_fit, "generations": trace.to_json(), **extra},
@@ -265,7 +276,7 @@ def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
         build_database(inp, cfg, db)
     variants = {n: db.load_layer(n) for n in layers}
     state = _search(inp, cfg, space, variants, E.initial_state(space, cfg.target), db.root,
-                    {"database_bytes": db.size_bytes()})
+                    {"database_bytes": db.size_bytes(), "database_key": key})
     ctx.log(f"evopress: database {db.size_bytes() / 2**20:.0f} MiB")
     key_name = "bits" if cfg.space == "bits" else "sparsity"
     return {n: {key_name: int(space.values[k]) if cfg.space == "bits" else round(space.values[k], 6)}
