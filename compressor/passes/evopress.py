@@ -109,6 +109,25 @@ def _db_root(cfg: EvoPressConfig, key: str) -> Path:
     return cache / "evopress" / key
 
 
+def _block_variants(cfg: EvoPressConfig, block: nn.Module, prefix: str, inputs: list, kwargs: list,
+                    layers: dict[str, nn.Linear], quiet: "Context") -> dict[str, list[torch.Tensor]]:
+    """Every level's variant of each of the block's target `layers`; the weights are left as they were."""
+    from ..runner import BlockIO
+
+    if cfg.space == "sparsity":
+        return {n: [P.pruned(m.weight.data, s).weight for s in cfg.level_values] for n, m in layers.items()}
+    variants: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    fp = {n: m.weight.data.clone() for n, m in layers.items()}
+    for bits in cfg.level_values:
+        io = BlockIO(prefix, inputs, kwargs, dict(layers))
+        out = PASSES[cfg.candidate].fn(block, io, cfg.candidate_config(int(bits)), quiet)
+        for n, qw in out.items():
+            variants[n].append(qw.dequantize(torch.float32))
+        for n, m in layers.items():  # the next width starts from the FP weights again
+            m.weight.data = fp[n].clone()
+    return variants
+
+
 @torch.no_grad()
 def build_database(inp: "PlanInput", cfg: EvoPressConfig, db: E.Database) -> None:
     """Every target layer at every level, block by block on the FP model (one block in memory)."""
@@ -129,24 +148,10 @@ def build_database(inp: "PlanInput", cfg: EvoPressConfig, db: E.Database) -> Non
         prefix = f"{blocks_prefix}.{i}"
         materialize(model, prefix, inp.ckpt, ctx.device)
         layers = {n: m for n, m in ((f"{prefix}.{n}", m) for n, m in block.named_modules()) if n in db.space.layers}
-        variants: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
         kept = all(db.has_layer(n) for n in layers)  # from an interrupted build: only the FP forward is needed
-        if kept:
-            variants = {}
-        elif cfg.space == "sparsity":
-            for n, m in layers.items():
-                variants[n] = [P.pruned(m.weight.data, s).weight for s in cfg.level_values]
-        else:
-            fp = {n: m.weight.data.clone() for n, m in layers.items()}
-            for bits in cfg.level_values:
-                io = BlockIO(prefix, inputs, kwargs, dict(layers))
-                out = PASSES[cfg.candidate].fn(block, io, cfg.candidate_config(int(bits)), quiet)
-                for n, qw in out.items():
-                    variants[n].append(qw.dequantize(torch.float32))
-                for n, m in layers.items():  # the next width starts from the FP weights again
-                    m.weight.data = fp[n].clone()
-        for n, vs in variants.items():
-            db.write_layer(n, vs)
+        if not kept:
+            for n, vs in _block_variants(cfg, block, prefix, inputs, kwargs, layers, quiet).items():
+                db.write_layer(n, vs)
         if needs_data:
             inputs = BlockIO(prefix, inputs, kwargs, {}).forward(block)
         ctx.log(f"evopress database: block {i + 1}/{len(blocks)}" + (" (kept from an earlier build)" if kept else ""))
@@ -181,21 +186,18 @@ def depth_units(model: nn.Module, select) -> tuple[list[str], dict[str, str], di
 
 
 def _search(inp: "PlanInput", cfg: EvoPressConfig, space: E.LevelSpace, variants: dict[str, list[torch.Tensor]],
-            start: E.State, trace_dir: Path, extra: dict) -> E.State:
-    """The evolution on the FP model (materialized here) with the KL fitness; the trace goes to `trace_dir`."""
+            start: E.State, trace_dir: Path, extra: dict, identity: dict) -> E.State:
+    """The evolution on the FP model (materialized here) with the KL fitness; the trace goes to `trace_dir`.
+    `identity`: what the variants come from (the model files' digests, the database key), for the checkpoint's key."""
     import json
 
     from ..models import materialize, release
-
-    from ..data import sha256_file
 
     ctx = inp.ctx
     pool = inp.windows[: cfg.fitness_samples, : cfg.fitness_seq_len]
     # the search's checkpoint: keyed by what its course depends on (not `generations`: more of them extend it)
     ck_key = E.database_key({"spec": {k: v for k, v in inp.spec.to_yaml_dict().items() if k != "generations"},
-                             "model": [sha256_file(f) for f in sorted({Path(f) for f in inp.ckpt.files.values()})],
-                             "pool": E.database_key({"w": pool.tolist()}), "variants": extra.get("database_key"),
-                             "device": str(ctx.device)})
+                             **identity, "pool": E.database_key({"w": pool.tolist()}), "device": str(ctx.device)})
     trace_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = trace_dir / f"search-{ck_key}.json"
     if checkpoint.is_file():
@@ -228,6 +230,7 @@ def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
 
     cfg: EvoPressConfig = inp.spec.config  # type: ignore[assignment]
     ctx, model = inp.ctx, inp.model
+    model_digests = [sha256_file(f) for f in sorted({Path(f) for f in inp.ckpt.files.values()})]
     if cfg.space == "depth":
         units, out_proj, linears = depth_units(model, inp.spec.selects)
         n_drop = round(cfg.target * len(units))
@@ -250,7 +253,8 @@ def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
                 f"{', '.join(sorted(cosine_drop, key=units.index))}")
         cache = Path(cfg.database) if cfg.database else _db_root(cfg, "depth")
         state = _search(inp, cfg, space, variants, start, cache,
-                        {"influence": {u: by_unit[u] for u in units}, "cosine_choice": sorted(cosine_drop, key=units.index)})
+                        {"influence": {u: by_unit[u] for u in units}, "cosine_choice": sorted(cosine_drop, key=units.index)},
+                        {"model": model_digests, "variants": None})
         dropped = {u for u, k in zip(units, state) if k}
         return {n: {"dropped": u in dropped} for u in units for n in linears[u]}
 
@@ -261,9 +265,8 @@ def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
         raise BadInput("evopress: the recipe's targets select no Linear layer")
     sizes = tuple(model.get_submodule(n).weight.numel() for n in layers)
     space = E.LevelSpace(tuple(layers), sizes, tuple(cfg.level_values))
-    files = sorted({Path(f) for f in inp.ckpt.files.values()})
     data = cfg.space == "bits" and PASSES[cfg.candidate].needs_data
-    key = E.database_key({"model": [sha256_file(f) for f in files], "space": cfg.space,
+    key = E.database_key({"model": model_digests, "space": cfg.space,
                           "candidate": cfg.candidate if cfg.space == "bits" else "magnitude",
                           "options": cfg.candidate_config(int(cfg.level_values[0])).model_dump() if cfg.space == "bits" else {},
                           "levels": cfg.level_values, "layers": layers,
@@ -276,7 +279,7 @@ def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
         build_database(inp, cfg, db)
     variants = {n: db.load_layer(n) for n in layers}
     state = _search(inp, cfg, space, variants, E.initial_state(space, cfg.target), db.root,
-                    {"database_bytes": db.size_bytes(), "database_key": key})
+                    {"database_bytes": db.size_bytes()}, {"model": model_digests, "variants": key})
     ctx.log(f"evopress: database {db.size_bytes() / 2**20:.0f} MiB")
     key_name = "bits" if cfg.space == "bits" else "sparsity"
     return {n: {key_name: int(space.values[k]) if cfg.space == "bits" else round(space.values[k], 6)}
