@@ -8,9 +8,10 @@ structure on --curve-windows windows of --curve-len tokens (seed 0) and cached; 
 solved from them and written into its recipe as the prune pass's assignment (so the compress run skips the
 plan). Uniform, global and OWL are the prune pass's own plans (OWL's activation norms from the recipe's 128
 windows of 512 tokens). Every artifact is made and evaluated by one `compress sweep` (resumable) on the first
-16,384 tokens of persuasion.txt (windows of 512): perplexity and KL(base || pruned).
+16,384 tokens of persuasion.txt (windows of 512): perplexity and KL(base || pruned). At the --w4 targets (default
+50%) the DP allocation is also followed by GPTQ int4 group 128 on the survivors (the prune50-dp-w4 pipeline).
 
-    python bench/pruning.py [--targets 0.3,0.5,0.6,2:4] [--methods uniform,global,owl,dp]
+    python bench/pruning.py [--targets 0.3,0.5,0.6,2:4] [--methods uniform,global,owl,dp] [--w4 0.5]
 """
 from __future__ import annotations
 
@@ -42,12 +43,14 @@ def target_of(t: str) -> tuple[float, str]:
     return float(t), "unstructured"
 
 
-def recipe_text(sparsity: float, structure: str, method: str, assignment: dict | None) -> str:
+def recipe_text(sparsity: float, structure: str, method: str, assignment: dict | None, w4: bool = False) -> str:
+    """The bench's recipe; `w4`: then GPTQ int4 group 128 on the survivors (prune50-dp-w4's second pass)."""
     spec = {"pass": "prune", "sparsity": sparsity, "structure": structure, "allocation": method}
     if assignment:
         spec["assignment"] = assignment
-    return yaml.safe_dump({"version": 1, "description": f"bench: {method} allocation, {structure} {sparsity}",
-                           "calibration": {"samples": 128, "seq_len": 512, "seed": 0}, "passes": [spec]},
+    passes = [spec, *([{"pass": "gptq", "bits": 4, "group_size": 128, "symmetric": False}] if w4 else [])]
+    return yaml.safe_dump({"version": 1, "description": f"bench: {method} allocation, {structure} {sparsity}" + (", then GPTQ W4" if w4 else ""),
+                           "calibration": {"samples": 128, "seq_len": 512, "seed": 0}, "passes": passes},
                           sort_keys=False)
 
 
@@ -138,6 +141,8 @@ def main() -> None:
     ap.add_argument("--curve-windows", type=int, default=4)
     ap.add_argument("--curve-len", type=int, default=128)
     ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--w4", default="0.5", help="targets whose DP allocation is also followed by GPTQ W4 g128 "
+                    "(prune50-dp-w4), comma-separated; '' for none")
     common_args(ap, "pruning")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
@@ -162,6 +167,12 @@ def main() -> None:
             if not f.is_file() or f.read_text() != text:
                 f.write_text(text)
             refs[(t, method)] = f
+            if method == "dp" and t in a.w4.split(","):
+                f = a.work / "recipes" / f"{name}-w4.yaml"
+                text = recipe_text(sparsity, structure, method, assignment, w4=True)
+                if not f.is_file() or f.read_text() != text:
+                    f.write_text(text)
+                refs[(t, "dp+w4")] = f
     state.clear()
     sweep_dir = a.work / "sweep"
     cmd = [sys.executable, "-m", "compressor.cli", "sweep", "demo", "--recipes", ",".join(str(f) for f in refs.values()),
@@ -180,7 +191,8 @@ def main() -> None:
         rows.append({"target": t, "method": method, "perplexity": r["quality"]["perplexity"],
                      "kl_to_base": r["quality"]["kl_to_base"], "bits_per_weight": r["bits_per_weight"],
                      "size_bytes": r["size_bytes"], "layer_sparsity_min": min(sp), "layer_sparsity_max": max(sp),
-                     "compress_seconds": round(r["compress_seconds"], 1), "dp_solve_seconds": solve.get(t) if method == "dp" else None})
+                     "compress_seconds": round(r["compress_seconds"], 1), "dp_solve_seconds": solve.get(t) if method == "dp" else None,
+                     "sparsity": meta["sparsity"]})
     all_curves = [json.loads(p.read_text()) for p in sorted(a.work.glob("curves-*.json"))]
     stats = additivity_plot(all_curves, a.out / "pruning_additivity.png") if all_curves else {}
     record = {
@@ -193,8 +205,8 @@ def main() -> None:
         "additivity": stats, "results": rows,
         "machine": machine(),
     }
-    lines = ["| target | allocation | perplexity | KL to base | layer sparsity | bits/weight | compress s | DP solve s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| target | allocation | perplexity | KL to base | pruned | layer sparsity | bits/weight | compress s | DP solve s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dps = "" if r["dp_solve_seconds"] is None else f"{r['dp_solve_seconds']:.3f}"
         lines.append(f"| {r['target']} | {r['method']} | {r['perplexity']:.3f} | {r['kl_to_base']:.4f} | "
