@@ -210,13 +210,15 @@ def main() -> None:
     for r in rows:
         dps = "" if r["dp_solve_seconds"] is None else f"{r['dp_solve_seconds']:.3f}"
         lines.append(f"| {r['target']} | {r['method']} | {r['perplexity']:.3f} | {r['kl_to_base']:.4f} | "
-                     f"{r['layer_sparsity_min']:.2f}..{r['layer_sparsity_max']:.2f} | {r['bits_per_weight']:.3f} | "
+                     f"{r['sparsity']:.4f} | {r['layer_sparsity_min']:.2f}..{r['layer_sparsity_max']:.2f} | {r['bits_per_weight']:.3f} | "
                      f"{r['compress_seconds']:.0f} | {dps} |")
     md = (f"# Layer-adaptive pruning on the demo\n\n{record['model']}; base perplexity {record['base_perplexity']:.3f}. "
           f"Magnitude pruning of every Linear in the blocks; the allocation decides each layer's sparsity. Curves: "
           f"{a.curve_windows} windows of {a.curve_len} tokens of emma.txt (seed 0), mean squared logit error at the "
           f"model's output; evaluation: persuasion.txt, the first {a.eval_tokens} tokens (windows of 512). "
-          f"N:4 targets: uniform is 2:4 in every layer, the others mix 1:4 / 2:4 / 3:4 per layer at 50% overall.\n"
+          f"N:4 targets: uniform is 2:4 in every layer, the others mix 1:4 / 2:4 / 3:4 per layer at 50% overall. "
+          f"'pruned': the fraction of the layers' weights actually pruned (the DP meets its budget from below, its "
+          f"per-layer costs rounded up). 'dp+w4': the 50% DP allocation, then GPTQ int4 group 128 on the survivors.\n"
           f"Command: `python bench/pruning.py`\n\n" + "\n".join(lines) + "\n")
     if all_curves:
         md += "\n## Curves and additivity\n\n| structure | levels | curve s | tokens | log-Pearson joint vs summed | median joint/summed |\n|---|---|---|---|---|---|\n"
