@@ -11,7 +11,8 @@ def test_shipped_recipes_parse_and_round_trip():
 
     names = set(shipped_recipes())
     assert {"w4-rtn", "w8-rtn", "w4-gptq", "w3-gptq", "w4-adaround", "w4-flexround", "w3-flexround", "w2-flexround",
-            "lowrank-util", "lowrank-params70", "svd-params70"} <= names
+            "lowrank-util", "lowrank-params70", "svd-params70", "prune50-dp", "prune50-uniform", "prune24-dp",
+            "prune50-dp-w4"} <= names
     for name in names:
         r = load_recipe(name)
         again = parse_recipe(yaml.safe_load(r.to_yaml()), "again")
