@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from quality import DATA, common_args, machine, write_record  # noqa: E402
+from quality import DATA, common_args, machine, write_if_changed, write_record  # noqa: E402
 
 CALIB = [DATA / "emma.txt", DATA / "mansfieldpark.txt"]
 EVAL = DATA / "persuasion.txt"
@@ -119,8 +119,7 @@ def main() -> None:
 
     def write(part: str, method: str, text: str) -> None:
         f = a.work / "recipes" / f"{part}-{method}.yaml"
-        if not f.is_file() or f.read_text() != text:
-            f.write_text(text)
+        write_if_changed(f, text)
         refs[(part, method)] = f
 
     for part in parts:

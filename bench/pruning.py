@@ -28,7 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from quality import DATA, common_args, machine, write_record  # noqa: E402
+from quality import DATA, common_args, machine, write_if_changed, write_record  # noqa: E402
 
 CALIB = DATA / "emma.txt"
 EVAL = DATA / "persuasion.txt"
@@ -163,15 +163,11 @@ def main() -> None:
                 assignment = {n: {"sparsity": round(s, 6)} for n, s in sorted(alloc.items())}
             name = f"{t.replace(':', 'of')}-{method}"
             f = a.work / "recipes" / f"{name}.yaml"
-            text = recipe_text(sparsity, structure, method, assignment)
-            if not f.is_file() or f.read_text() != text:
-                f.write_text(text)
+            write_if_changed(f, recipe_text(sparsity, structure, method, assignment))
             refs[(t, method)] = f
             if method == "dp" and t in a.w4.split(","):
                 f = a.work / "recipes" / f"{name}-w4.yaml"
-                text = recipe_text(sparsity, structure, method, assignment, w4=True)
-                if not f.is_file() or f.read_text() != text:
-                    f.write_text(text)
+                write_if_changed(f, recipe_text(sparsity, structure, method, assignment, w4=True))
                 refs[(t, "dp+w4")] = f
     state.clear()
     sweep_dir = a.work / "sweep"

@@ -173,6 +173,12 @@ def common_args(ap: argparse.ArgumentParser, name: str) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
 
 
+def write_if_changed(path: Path, text: str) -> None:
+    """Write a generated recipe file only when its text differs, so a sweep's resume check sees the same file."""
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+
+
 def machine() -> dict:
     """Where a benchmark ran: cores of the machine, cores this process may use, torch threads, versions."""
     return {"nproc": os.cpu_count(), "cores_used": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),

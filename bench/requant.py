@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from quality import DATA, common_args, machine, write_record  # noqa: E402
+from quality import DATA, common_args, machine, write_if_changed, write_record  # noqa: E402
 
 ROWS = {"w3-g64": (3, 64), "w2-g64": (2, 64)}
 CALIB = [DATA / "emma.txt", DATA / "mansfieldpark.txt"]
@@ -82,9 +82,7 @@ def recipe_ref(work: Path, row: str, variant: str) -> str:
     bits, g = ROWS[row]
     f = work / "recipes" / f"{row}-{variant}.yaml"
     f.parent.mkdir(parents=True, exist_ok=True)
-    text = recipe_yaml(variant, bits, g)
-    if not f.is_file() or f.read_text() != text:
-        f.write_text(text)
+    write_if_changed(f, recipe_yaml(variant, bits, g))
     return str(f)
 
 
