@@ -10,9 +10,10 @@ KL(base || model), held out (not the fitness). The bits candidate defaults to RT
 database is built in seconds, GPTQ's (--candidate gptq) takes about 90 minutes on one core.
 
     bits      uniform   every layer at 3 bits (evopress, 0 generations)
-              dp        the DP over per-layer errors: each layer alone at each width (from the EvoPress database),
-                        the mean squared logit error at the model's output (the pruning DP's curves), the least
-                        summed error at 3.0 bits on average; the assignment written into the recipe
+              dp-WxL    the DP over per-layer errors: each layer alone at each width (from the EvoPress database),
+                        the mean squared logit error at the model's output (the pruning DP's curves) on W
+                        calibration windows of L tokens (--bits-dp-windows, --curve-len), the least summed error at
+                        3.0 bits on average; the assignment written into the recipe
               evopress  the search from the uniform start
     sparsity  uniform   every layer at 50% (prune, allocation uniform)
               dp        the pruning pass's DP (allocation dp, on the same 0..0.9 levels, curves on
@@ -46,7 +47,8 @@ from quality import DATA, common_args, machine, write_if_changed, write_record  
 
 CALIB = [DATA / "emma.txt", DATA / "mansfieldpark.txt"]
 EVAL = DATA / "persuasion.txt"
-PARTS = {"bits": ("uniform", "dp", "evopress"), "sparsity": ("uniform", "dp", "evopress"), "depth": ("cosine", "evopress")}
+PARTS = {"bits": ("uniform", "evopress"),  # + a dp-WxL row per --bits-dp-windows
+         "sparsity": ("uniform", "dp", "evopress"), "depth": ("cosine", "evopress")}
 TARGET = {"bits": 3.0, "sparsity": 0.5, "depth": 0.25}
 
 
@@ -67,21 +69,22 @@ def recipe(spec: dict, what: str) -> str:
                            "calibration": {"samples": 128, "seq_len": 512, "seed": 0}, "passes": [spec]}, sort_keys=False)
 
 
-def bits_dp_assignment(a: argparse.Namespace) -> tuple[dict, float]:
-    """The DP baseline at 3.0 bits: curves from the database the EvoPress bits runs built, then the DP."""
+def bits_dp_assignment(a: argparse.Namespace, windows: int) -> tuple[dict, float]:
+    """The DP baseline at 3.0 bits: curves on `windows` windows from the database the EvoPress bits runs built,
+    then the DP."""
     from compressor import evopress as E
     from compressor import prune as P
     from compressor.api import load_tokenizer
     from compressor.data import calibration_windows, read_texts, tokenize
     from compressor.models import Checkpoint, materialize, resolve_model, skeleton
 
-    f = a.work / f"curves-bits-{a.candidate}.json"
+    f = a.work / f"curves-bits-{a.candidate}-{windows}x{a.curve_len}.json"
     root = Path(evo_spec(a, "bits", 0)["database"])
     meta = json.loads((root / "meta.json").read_text())
     layers, levels = meta["layers"], meta["levels"]
     if not f.is_file():
         path = resolve_model("demo").path
-        ids = calibration_windows(tokenize(load_tokenizer(path), read_texts(CALIB)), a.curve_windows, a.curve_len, seed=0)
+        ids = calibration_windows(tokenize(load_tokenizer(path), read_texts(CALIB)), windows, a.curve_len, seed=0)
         model = skeleton(path)
         materialize(model, "", Checkpoint(path))
         model.eval()
@@ -113,7 +116,8 @@ def main() -> None:
     ap.add_argument("--fitness-dtype", default="bfloat16", choices=["bfloat16", "float32"], help="the search's KL forwards")
     ap.add_argument("--generations", type=int, default=50)
     ap.add_argument("--fitness-samples", type=int, default=32)
-    ap.add_argument("--curve-windows", type=int, default=1, help="DP curves: calibration windows")
+    ap.add_argument("--curve-windows", type=int, default=1, help="sparsity DP curves: calibration windows")
+    ap.add_argument("--bits-dp-windows", default="1,4", help="bits DP curves: calibration windows, a row each")
     ap.add_argument("--curve-len", type=int, default=128, help="DP curves: tokens of each window")
     common_args(ap, "evopress")
     a = ap.parse_args()
@@ -146,15 +150,19 @@ def main() -> None:
         print(" ".join(cmd), flush=True)
         return subprocess.run(cmd, cwd=ROOT).returncode
 
-    code = sweep([k for k in refs if k != ("bits", "dp")])  # builds the bits database the DP reads
+    code = sweep(list(refs))  # builds the bits database the DPs read
     if "bits" in parts:
-        assignment, curve_s = bits_dp_assignment(a)
-        extra["bits_dp_curve_seconds"] = curve_s
-        write("bits", "dp", recipe(evo_spec(a, "bits", 0, assignment), "bits: the DP over per-layer output errors"))
-        code = sweep([("bits", "dp")]) or code
+        extra["bits_dp_curve_seconds"] = {}
+        for w in (int(x) for x in a.bits_dp_windows.split(",")):
+            method = f"dp-{w}x{a.curve_len}"
+            assignment, extra["bits_dp_curve_seconds"][method] = bits_dp_assignment(a, w)
+            write("bits", method, recipe(evo_spec(a, "bits", 0, assignment),
+                                         f"bits: the DP over per-layer output errors on {w} x {a.curve_len} tokens"))
+            code = sweep([("bits", method)]) or code
     base = json.loads((a.work / "sweep" / "base" / "record.json").read_text())
     rows = []
-    for (part, method), f in refs.items():
+    order = {"uniform": 0, "cosine": 0, "evopress": 2}  # baseline, the DPs, the search
+    for (part, method), f in sorted(refs.items(), key=lambda kv: (list(PARTS).index(kv[0][0]), order.get(kv[0][1], 1), kv[0][1])):
         rec_file = a.work / "sweep" / f.stem / "record.json"
         if not rec_file.is_file():
             continue
