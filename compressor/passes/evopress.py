@@ -2,7 +2,8 @@
 budget, in one of three level spaces (`space`):
 
 - `bits`: every target Linear at a bit width of `levels` (default 2..6), `target` bits per weight on average
-  (nominal widths); each layer is then quantized at its width by the `candidate` pass (rtn or gptq), so the
+  (nominal widths); each layer is then quantized at its width by the `candidate` pass (rtn, gptq, flexround or
+  adaround; the learned ones reconstruct the FP block's output, in the database and in the result), so the
   artifact holds mixed widths as compressed-tensors config groups with explicit targets;
 - `sparsity`: every target Linear pruned by magnitude to a level of `levels` (default 0, 0.1, .., 0.9: equal
   steps, so a level switch inside a size group moves the same number of weights), `target` of all target
@@ -24,6 +25,7 @@ The assignment ({layer: {bits}}, {layer: {sparsity}} or {layer: {dropped}}) goes
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -54,7 +56,8 @@ class EvoPressConfig(QuantConfig):
                           "fraction of sub-blocks dropped")
     levels: list[float] | None = Field(None, description="bits: widths (default 2..6); sparsity: sparsities "
                                        "(default 0, 0.1, .., 0.9); equally spaced; depth: not used")
-    candidate: Literal["rtn", "gptq"] = Field("rtn", description="bits: the quantizer of every variant and of the result")
+    candidate: Literal["rtn", "gptq", "flexround", "adaround"] = Field(
+        "rtn", description="bits: the quantizer of every variant and of the result")
     candidate_options: dict[str, Any] = Field(default_factory=dict, description="the candidate's own settings "
                                               "(bits, group_size, symmetric, mse, scale_dtype are this pass's)")
     generations: int = Field(50, ge=0)
@@ -114,17 +117,20 @@ def _db_root(cfg: EvoPressConfig, key: str) -> Path:
 
 
 def _block_variants(cfg: EvoPressConfig, block: nn.Module, prefix: str, inputs: list, kwargs: list,
-                    layers: dict[str, nn.Linear], quiet: "Context") -> dict[str, list[torch.Tensor]]:
-    """Every level's variant of each of the block's target `layers`; the weights are left as they were."""
+                    layers: dict[str, nn.Linear], quiet: "Context", targets: list | None = None) -> dict[str, list[torch.Tensor]]:
+    """Every level's variant of each of the block's target `layers`; the weights are left as they were.
+    `targets`: the FP block's outputs on `inputs`, for a candidate that reconstructs them (flexround, adaround)."""
     from ..runner import BlockIO
 
     if cfg.space == "sparsity":
         return {n: [P.pruned(m.weight.data, s).weight for s in cfg.level_values] for n, m in layers.items()}
     variants: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     fp = {n: m.weight.data.clone() for n, m in layers.items()}
+    learned = PASSES[cfg.candidate].needs_targets
     for bits in cfg.level_values:
-        io = BlockIO(prefix, inputs, kwargs, dict(layers))
-        out = PASSES[cfg.candidate].fn(block, io, cfg.candidate_config(int(bits)), quiet)
+        io = BlockIO(prefix, inputs, kwargs, dict(layers), targets=targets)
+        with torch.enable_grad() if learned else contextlib.nullcontext():  # the database is built under no_grad
+            out = PASSES[cfg.candidate].fn(block, io, cfg.candidate_config(int(bits)), quiet)
         for n, qw in out.items():
             variants[n].append(qw.dequantize(torch.float32))
         for n, m in layers.items():  # the next width starts from the FP weights again
@@ -153,11 +159,14 @@ def build_database(inp: "PlanInput", cfg: EvoPressConfig, db: E.Database) -> Non
         materialize(model, prefix, inp.ckpt, ctx.device)
         layers = {n: m for n, m in ((f"{prefix}.{n}", m) for n, m in block.named_modules()) if n in db.space.layers}
         kept = all(db.has_layer(n) for n in layers)  # from an interrupted build: only the FP forward is needed
+        # the FP block's outputs: the next block's inputs, and the targets of a reconstructing candidate
+        outputs = BlockIO(prefix, inputs, kwargs, {}).forward(block) if needs_data else None
         if not kept:
-            for n, vs in _block_variants(cfg, block, prefix, inputs, kwargs, layers, quiet).items():
+            targets = outputs if PASSES[cfg.candidate].needs_targets and cfg.space == "bits" else None
+            for n, vs in _block_variants(cfg, block, prefix, inputs, kwargs, layers, quiet, targets).items():
                 db.write_layer(n, vs)
         if needs_data:
-            inputs = BlockIO(prefix, inputs, kwargs, {}).forward(block)
+            inputs = outputs
         ctx.log(f"evopress database: block {i + 1}/{len(blocks)}" + (" (kept from an earlier build)" if kept else ""))
         release(model, prefix)
     db.finish()
