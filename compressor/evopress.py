@@ -17,7 +17,8 @@ Search"): per-layer compression levels under a global budget, found by a (1 + la
   side's top-k probabilities computed once (the rest of the vocabulary lumped into one bucket, so the value is
   the KL of the coarsened distributions, a lower bound of the full one). Its forwards may run in bfloat16
   (autocast, both sides), as the paper's GPU searches do: on this project's CPU (AVX-512 BF16) that is 2.7x the
-  float32 speed, and the two rank a generation's offspring alike (bench/evopress.py measures it).
+  float32 speed, and the two rank a generation's offspring alike (bench/fitness_dtype.py measures it). With
+  metric "perplexity" the fitness is instead the compressed model's mean next-token NLL (log-perplexity).
 """
 from __future__ import annotations
 
@@ -231,17 +232,19 @@ class KLFitness:
 
     def __init__(self, model: nn.Module, windows: Tensor, layers: Iterable[str], variants: dict[str, list[Tensor]],
                  stage_windows: list[int], topk: int = 256, device: torch.device = torch.device("cpu"),
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, metric: str = "kl"):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise BadInput(f"KL fitness dtype must be float32, bfloat16 or float16, got {dtype}")
-        self.model, self.windows, self.device, self.dtype = model, windows, device, dtype
+        if metric not in ("kl", "perplexity"):
+            raise BadInput(f"fitness metric must be 'kl' or 'perplexity', got {metric!r}")
+        self.model, self.windows, self.device, self.dtype, self.metric = model, windows, device, dtype, metric
         self.layers = list(layers)
         self.variants = variants
         self.stage_windows = stage_windows
         self.topk = topk
         self.dense: list[tuple[Tensor, Tensor, Tensor]] = []  # per window: top-k ids, their log p, log of the rest
         with torch.no_grad(), self._compute():
-            for w in windows:
+            for w in windows if metric == "kl" else ():  # perplexity needs no dense side
                 lp = self._log_probs(w)
                 top, ids = lp.topk(min(topk, lp.shape[-1]), dim=-1)
                 rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-7))
@@ -273,6 +276,11 @@ class KLFitness:
         with self._compute():
             for i in window_ids:
                 lq = self._log_probs(self.windows[i])
+                if self.metric == "perplexity":  # the mean next-token NLL: log-perplexity, ordered as perplexity
+                    nll = -lq.gather(-1, self.windows[i][1:].to(lq.device).unsqueeze(-1))
+                    total += float(nll.sum())
+                    count += nll.numel()
+                    continue
                 ids, lp, rest_p = self.dense[i]
                 lq_top = lq.gather(-1, ids)
                 rest_q = torch.log1p(-lq_top.exp().sum(-1).clamp(max=1 - 1e-7))

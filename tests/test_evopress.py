@@ -141,6 +141,35 @@ def test_kl_fitness_against_the_full_vocabulary(demo_fp):
 
 
 @torch.no_grad()
+def test_perplexity_fitness_is_the_mean_nll(demo_fp):
+    """metric "perplexity": the fitness of a state is the model's mean next-token NLL with those variants (the
+    log of its perplexity), equal to a direct cross-entropy for 2-bit RTN of one layer and for its FP weights."""
+    import torch.nn.functional as F
+
+    from compressor.passes.evopress import EvoPressConfig
+    from compressor.quant import quantize_rtn
+
+    model, ids = demo_fp
+    name = "model.layers.4.self_attn.q_proj"
+    w = model.get_submodule(name).weight.data.clone()
+    fit = E.KLFitness(model, ids, [name], {name: [quantize_rtn(w, 2, 64, False, torch.float16).dequantize().half(),
+                                                   w.half()]}, [3], metric="perplexity")
+    try:
+        got = []
+        for k in (0, 1):
+            got.append(fit.kl((k,), [0, 1, 2]))
+            nll = sum(float(F.cross_entropy(model(input_ids=x[None]).logits[0, :-1].float(), x[1:], reduction="sum"))
+                      for x in ids) / sum(x.numel() - 1 for x in ids)
+            assert got[-1] == pytest.approx(nll, rel=1e-5), (k, got[-1], nll)
+        assert abs(got[0] - got[1]) > 1e-3  # the state is applied (on 69 tokens 2-bit happens to score lower)
+    finally:
+        model.get_submodule(name).weight.data = w
+    with pytest.raises(BadInput, match="metric"):
+        E.KLFitness(model, ids, [name], {}, [3], metric="ppl")
+    assert EvoPressConfig(fitness="perplexity").fitness == "perplexity"
+
+
+@torch.no_grad()
 def test_kl_fitness_in_bfloat16_orders_as_float32(demo_fp):
     """The bfloat16 fitness (autocast on both sides of the KL): its noise floor (the KL of the FP weights,
     measured 9.9e-4) stays under a fifth of 4-bit RTN's KL; it orders RTN widths of ten gate_proj layers across the
