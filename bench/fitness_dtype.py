@@ -65,13 +65,7 @@ def main() -> None:
         variants = {n: [make(fp[n], v).to(torch.float16) for v in levels] for n in layers}
         space = E.LevelSpace(tuple(layers), sizes, levels)
         start = E.initial_state(space, target)
-        rng = torch.Generator().manual_seed(0)
-        kids: list = []
-        while len(kids) < a.offspring:
-            k = E.mutate(space, start, rng)
-            if k != start and k not in kids:
-                kids.append(k)
-        states = [start, *kids]
+        states = [start, *E.draw_offspring(space, start, a.offspring, torch.Generator().manual_seed(0))]
         kl, secs = {}, {}
         with torch.no_grad():
             for dt in ("float32", "bfloat16"):

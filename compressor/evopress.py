@@ -109,6 +109,18 @@ def mutate(space: LevelSpace, state: State, rng: torch.Generator) -> State:
     return tuple(s)
 
 
+def draw_offspring(space: LevelSpace, parent: State, n: int, rng: torch.Generator) -> list[State]:
+    """Up to `n` distinct mutants of `parent`, none equal to it (duplicates rejected; at most 50 n draws)."""
+    kids: list[State] = []
+    for _ in range(50 * n):
+        if len(kids) == n:
+            break
+        k = mutate(space, parent, rng)
+        if k != parent and k not in kids:
+            kids.append(k)
+    return kids
+
+
 @dataclass
 class Trace:
     generations: list[dict] = field(default_factory=list)
@@ -141,14 +153,7 @@ def evolve(space: LevelSpace, fitness: Callable[[State, int, torch.Generator], f
             rng.set_state(torch.tensor(ck["rng"], dtype=torch.uint8))
     t0 = time.perf_counter() - (trace.generations[-1]["seconds"] if trace.generations else 0.0)
     for gen in range(len(trace.generations), generations):
-        kids: list[State] = []
-        tries = 0
-        while len(kids) < offspring and tries < 50 * offspring:
-            tries += 1
-            k = mutate(space, parent, rng)
-            if k != parent and k not in kids:  # duplicates rejected
-                kids.append(k)
-        cands = kids
+        cands = draw_offspring(space, parent, offspring, rng)
         for j, keep in enumerate(survivors):
             last = j == len(survivors) - 1
             pool = cands + ([parent] if last else [])
