@@ -120,9 +120,10 @@ def _db_root(cfg: EvoPressConfig, key: str) -> Path:
 
 
 def _block_variants(cfg: EvoPressConfig, block: nn.Module, prefix: str, inputs: list, kwargs: list,
-                    layers: dict[str, nn.Linear], quiet: "Context", targets: list | None = None) -> dict[str, list[torch.Tensor]]:
+                    layers: dict[str, nn.Linear], quiet: "Context", outputs: list | None = None) -> dict[str, list[torch.Tensor]]:
     """Every level's variant of each of the block's target `layers`; the weights are left as they were.
-    `targets`: the FP block's outputs on `inputs`, for a candidate that reconstructs them (flexround, adaround)."""
+    `outputs`: the FP block's outputs on `inputs`, the targets of a candidate that reconstructs them (flexround,
+    adaround)."""
     from ..runner import BlockIO
 
     if cfg.space == "sparsity":
@@ -131,7 +132,7 @@ def _block_variants(cfg: EvoPressConfig, block: nn.Module, prefix: str, inputs: 
     fp = {n: m.weight.data.clone() for n, m in layers.items()}
     learned = PASSES[cfg.candidate].needs_targets
     for bits in cfg.level_values:
-        io = BlockIO(prefix, inputs, kwargs, dict(layers), targets=targets)
+        io = BlockIO(prefix, inputs, kwargs, dict(layers), targets=outputs if learned else None)
         with torch.enable_grad() if learned else contextlib.nullcontext():  # the database is built under no_grad
             out = PASSES[cfg.candidate].fn(block, io, cfg.candidate_config(int(bits)), quiet)
         for n, qw in out.items():
@@ -165,8 +166,7 @@ def build_database(inp: "PlanInput", cfg: EvoPressConfig, db: E.Database) -> Non
         # the FP block's outputs: the next block's inputs, and the targets of a reconstructing candidate
         outputs = BlockIO(prefix, inputs, kwargs, {}).forward(block) if needs_data else None
         if not kept:
-            targets = outputs if PASSES[cfg.candidate].needs_targets and cfg.space == "bits" else None
-            for n, vs in _block_variants(cfg, block, prefix, inputs, kwargs, layers, quiet, targets).items():
+            for n, vs in _block_variants(cfg, block, prefix, inputs, kwargs, layers, quiet, outputs).items():
                 db.write_layer(n, vs)
         if needs_data:
             inputs = outputs
