@@ -12,6 +12,7 @@ runner keeps them and each step moves one mini-batch to the device.
 """
 from __future__ import annotations
 
+import abc
 import math
 import zlib
 from typing import TYPE_CHECKING, Callable
@@ -53,7 +54,7 @@ def cosine(step: int, total: int, start: float, end: float) -> float:
     return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
-class LearnedWeight(nn.Module):
+class LearnedWeight(nn.Module, abc.ABC):
     """Base of a learned quantizer of one Linear weight: forward() returns the weight it stands for
     (differentiable in its parameters), hard() the final integer grid. Holds the grid's fixed parts: bits,
     group size, code range, and the zero point (as stored, and expanded to the weight's shape as `z`).
@@ -74,11 +75,13 @@ class LearnedWeight(nn.Module):
     def hold_exact(self, mask: Tensor, w: Tensor) -> None:
         self.exact, self.w_exact = mask, w.float()
 
+    @abc.abstractmethod
     def soft(self) -> Tensor:
-        raise NotImplementedError
+        """The learned weight (N, K), differentiable in the quantizer's parameters."""
 
+    @abc.abstractmethod
     def hard_grid(self) -> QWeight:
-        raise NotImplementedError
+        """The final integer grid of the learned weight (its rounding)."""
 
     def forward(self) -> Tensor:
         w = self.soft()
