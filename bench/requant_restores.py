@@ -67,7 +67,7 @@ def measure(art: Path) -> dict:
     seconds = time.perf_counter() - t0
     scores = {"pqi": {n: v.abs() for n, v in c.items()}, "pqi-signed": c,
               "gradient": {n: g[n] * dw[n] for n in params}}
-    held = {n: dw[n] == 0 for n in params}  # the residual's positions (restored already)
+    held = {n: dw[n] == 0 for n in params}  # the residual's positions (and any weight already exact): a no-op to restore
     step = int(round(SIGNIFICANT * sum(p.numel() for p in params.values()) / STEPS))
     rows = []
     for crit, sc in scores.items():
