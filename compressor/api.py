@@ -513,6 +513,9 @@ def utilization(model: str = "demo", calib: list[str | Path] | None = None, samp
     from . import lowrank as LR
     from .runner import stream_fp_layers
 
+    for flag, n in (("--samples", samples), ("--seq-len", seq_len)):
+        if n < 1:
+            raise BadInput(f"{flag} {n}: must be at least 1")
     if not taus or any(not 0 < t <= 1 for t in taus):
         raise BadInput(f"--tau must be energy fractions in (0, 1], got {list(taus)}")
     t0 = time.perf_counter()
