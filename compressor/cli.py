@@ -91,7 +91,7 @@ def model_cmd(
     seq_len: Optional[int] = SEQ_LEN,
     seed: Optional[int] = SEED,
     device: str = DEVICE,
-    force: bool = typer.Option(False, "--force", help="replace an existing output"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output (only an artifact of ours)"),
     allow_pickle: bool = ALLOW_PICKLE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     as_json: bool = JSON,
