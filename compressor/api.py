@@ -75,7 +75,8 @@ def compress(
     """Compress `model` with `recipe` into the artifact directory `out`; returns the run's summary."""
     t0 = time.perf_counter()
     out = Path(out)
-    check_output(out, force)
+    local = Path(model).expanduser()  # a model path: the output may not be it or hold it (before any conversion)
+    check_output(out, force, local if model != "demo" and local.exists() else None)
     rec, dev, src, windows, cal_info = _prepare(model, recipe, calib, samples, seq_len, seed, device, log,
                                                 allow_pickle, trust_remote_code)
     cal = rec.calibration
@@ -85,7 +86,7 @@ def compress(
     ctx = Context(device=dev, seed=cal.seed, log=log)
     layers: dict[str, dict] = {}
     block_errs: dict[str, float] = {}
-    with ArtifactWriter(out, force) as writer:
+    with ArtifactWriter(out, force, src.path) as writer:
         def done(i: int, prefix: str, res: BlockResult) -> None:
             add_block(writer, skel, ckpt, prefix, res, layers, block_errs)
             if on_block:
@@ -512,6 +513,9 @@ def utilization(model: str = "demo", calib: list[str | Path] | None = None, samp
     from . import lowrank as LR
     from .runner import stream_fp_layers
 
+    for flag, n in (("--samples", samples), ("--seq-len", seq_len)):
+        if n < 1:
+            raise BadInput(f"{flag} {n}: must be at least 1")
     if not taus or any(not 0 < t <= 1 for t in taus):
         raise BadInput(f"--tau must be energy fractions in (0, 1], got {list(taus)}")
     t0 = time.perf_counter()

@@ -91,7 +91,7 @@ def model_cmd(
     seq_len: Optional[int] = SEQ_LEN,
     seed: Optional[int] = SEED,
     device: str = DEVICE,
-    force: bool = typer.Option(False, "--force", help="replace an existing output"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output (only an artifact of ours)"),
     allow_pickle: bool = ALLOW_PICKLE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     as_json: bool = JSON,
@@ -356,17 +356,37 @@ def _numbers(text: str, conv: Callable[[str], Any], flag: str, example: str) -> 
 
 
 def _no_dirs(**files: Optional[Path]) -> None:
-    """An output file option that names a directory is an error before the work starts."""
+    """An output file option that names a directory, or a file whose directory is missing or cannot be written,
+    is an error before the work starts (writing is tried: permission bits do not tell for root or /proc)."""
     for flag, f in files.items():
-        if f is not None and f.is_dir():
+        if f is None:
+            continue
+        if f.is_dir():
             raise BadInput(f"--{flag} {f} is a directory")
+        if not f.parent.is_dir():
+            raise BadInput(f"--{flag} {f}: directory {f.parent} " + ("is not a directory" if f.parent.exists()
+                                                                     else "does not exist"))
+        probe = _tmp_sibling(f)
+        try:
+            probe.touch(exist_ok=False)
+            probe.unlink()
+        except OSError as e:
+            raise BadInput(f"--{flag} {f}: cannot write in {f.parent} ({e.strerror})") from None
+
+
+def _tmp_sibling(path: Path) -> Path:
+    """This process's temporary file beside `path`, with the same suffix (plotting libraries go by it)."""
+    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """`write` a temporary file beside `path` (same suffix), then rename it over: no half-written output."""
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
+    tmp = _tmp_sibling(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @app.command("sensitivity")

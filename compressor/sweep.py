@@ -30,8 +30,10 @@ import yaml
 from . import __version__
 from .data import DEFAULT_CORPUS, read_texts, sha256_file
 from .errors import BadInput, CompressorError
-from .models import model_class, resolve_model, safetensors_files
+from .models import find_blocks, model_class, resolve_model, safetensors_files, skeleton
+from .passes import get_pass
 from .recipe import load_recipe
+from .runner import check_targets
 
 RECORD = "record.json"
 Event = Callable[[str, dict[str, Any]], None]
@@ -48,8 +50,15 @@ def _files_info(files: list[Path]) -> list[dict[str, str]]:
 
 
 def run_name(ref: str) -> str:
-    """The directory name of a recipe's run: the shipped name, or the file's stem."""
-    return Path(ref).stem if Path(ref).suffix in (".yaml", ".yml") else str(ref)
+    """The directory name of a recipe's run: a recipe file's stem, or the shipped name as it is. A name that is
+    not one plain directory name (empty, a leading dot as in `.` or `..`, a path separator) is refused, so a run
+    cannot land outside the sweep's --out."""
+    p = Path(ref)
+    name = p.stem if p.suffix in (".yaml", ".yml") or p.is_file() else str(ref)
+    if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise BadInput(f"recipe {ref}: its run directory name {name!r} is not a plain name (empty, a leading dot or "
+                       "a path separator); rename the recipe file")
+    return name
 
 
 def is_encoder(config: dict) -> bool:
@@ -97,12 +106,13 @@ def sweep(model: str, recipes: list[str], eval_data: list[str | Path], out: str 
     out = Path(out)
     if not recipes:
         raise BadInput("--recipes is empty: give at least one recipe name or path")
+    recs = [load_recipe(r).with_calibration(samples=samples, seq_len=seq_len, seed=seed)
+            for r in recipes]  # every recipe is checked before any work
     names = [run_name(r) for r in recipes]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes or "base" in names:
         raise BadInput(f"two recipes share the run name {', '.join(dupes or ['base'])}: rename a recipe file")
-    resolved = {n: load_recipe(r).with_calibration(samples=samples, seq_len=seq_len, seed=seed)
-                for n, r in zip(names, recipes)}  # every recipe is checked before any work
+    resolved = dict(zip(names, recs))
     if not eval_data:
         raise BadInput("the sweep needs --eval FILE")
     read_texts([Path(f) for f in eval_data])
@@ -110,10 +120,19 @@ def sweep(model: str, recipes: list[str], eval_data: list[str | Path], out: str 
         read_texts([Path(f) for f in calib])
     if out.exists() and not out.is_dir():
         raise BadInput(f"output {out} exists and is not a directory")
+    for name in ["base", *names]:  # a run directory that is a symbolic link out of --out is refused too
+        if (out / name).resolve().parent != out.resolve():
+            raise BadInput(f"run directory {out / name} resolves outside --out {out}")
     src = resolve_model(model, allow_pickle, trust_remote_code)
     if src.is_compressed:
         raise BadInput(f"model {model} is already compressed (compressed-tensors); give the uncompressed checkpoint")
     encoder = is_encoder(src.config)
+    blocks_prefix, blocks = find_blocks(skeleton(src.path, trust_remote_code))
+    for name, rec in resolved.items():  # a recipe whose targets select nothing fails now, not when its run comes
+        try:
+            check_targets(blocks_prefix, blocks, [(spec, get_pass(spec.name)) for spec in rec.passes])
+        except BadInput as e:
+            raise BadInput(f"recipe {name}: {e}") from None
 
     inputs = {
         "model": {"ref": model, "kind": src.kind, "files": _files_info([src.path / "config.json", *safetensors_files(src.path)])},

@@ -161,6 +161,7 @@ def test_group_size_without_usable_divisor(tmp_path, odd_width_llama):
 def test_existing_output_is_refused_then_replaced_with_force(tmp_path, tiny_llama, small_calib):
     out = tmp_path / "out"
     out.mkdir()
+    (out / "compression.json").write_text('{"tool": "compressor"}')  # one of ours: --force may replace it
     (out / "keep.txt").write_text("precious\n")
     (out / "sub").mkdir()
     (out / "sub" / "data.bin").write_bytes(bytes(range(256)))
