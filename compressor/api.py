@@ -20,7 +20,7 @@ from .models import (Checkpoint, ModelSource, checkpoint_key, find_blocks, load_
 from .modules import QuantLinear
 from .quant import QWeight, pack_int32, qweight_from_tensors
 from .recipe import load_recipe
-from .runner import BlockResult, Context, block_tensors, checkpoint_key_prefix, run_blocks
+from .runner import BlockResult, Context, block_tensors, check_calibration, checkpoint_key_prefix, run_blocks
 from .lowrank import LOWRANK, LowRankLinear, LowRankWeight
 from .sparse import SUFFIXES as SPARSE_SUFFIXES, SparseWeight
 
@@ -50,6 +50,7 @@ def _prepare(model: str, recipe: str | Path, calib, samples, seq_len, seed, devi
     src = resolve_model(model, allow_pickle, trust_remote_code)
     if src.is_compressed:
         raise BadInput(f"model {model} is already compressed (compressed-tensors); give the uncompressed checkpoint")
+    check_calibration(rec.calibration.samples, rec.calibration.seq_len, src.config, dev)
     cal = rec.calibration
     windows, cal_info = load_windows(load_tokenizer(src.path), calib, cal.samples, cal.seq_len, cal.seed)
     log(f"calibration: {cal_info['source']}: {cal.samples} windows of {cal.seq_len} tokens, seed {cal.seed}")
@@ -523,6 +524,7 @@ def utilization(model: str = "demo", calib: list[str | Path] | None = None, samp
     src = resolve_model(model)
     if src.is_compressed:
         raise BadInput(f"model {model} is already compressed (compressed-tensors); give the uncompressed checkpoint")
+    check_calibration(samples, seq_len, src.config, dev)
     windows, cal_info = load_windows(load_tokenizer(src.path), calib, samples, seq_len, seed)
     log(f"calibration: {cal_info['source']}: {samples} windows of {seq_len} tokens, seed {seed}")
     skel, ckpt = skeleton(src.path), Checkpoint(src.path)

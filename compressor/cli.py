@@ -2,6 +2,7 @@
 `--json` prints exactly one JSON object on stdout. Exit codes: 0 ok, 2 bad input, 1 failure."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -42,6 +43,7 @@ def _guard() -> Iterator[None]:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    warnings.showwarning = _show_warning
     try:
         yield
     except CompressorError as e:
@@ -52,8 +54,30 @@ def _guard() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our warnings about the user's input (DataWarning) as one `warning:` line with the logs; others as Python
+    prints them."""
+    from .data import DataWarning
+
+    if issubclass(category, DataWarning):
+        err.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
 def _quiet(quiet: bool) -> None:
+    """--quiet: no logs and no progress bars, ours or the libraries' (tqdm's, as transformers and huggingface_hub
+    draw them: loading weights, converting a GGUF), in this process and in the `compress` processes it starts."""
     err.quiet = quiet
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # read when tqdm is imported: in the child processes (sweep)
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        import tqdm.std  # here torch has imported it already: its default changed instead
+
+        tqdm.std.tqdm.__init__ = functools.partialmethod(tqdm.std.tqdm.__init__, disable=True)
 
 
 def _progress() -> Progress:

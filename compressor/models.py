@@ -299,16 +299,27 @@ def materialize(model: nn.Module, module_name: str, ckpt: Checkpoint, device: st
             if full == tied_out:
                 continue  # tied below
             if isinstance(t, nn.Parameter) or t.is_meta:
-                raise CompressorError(f"checkpoint has no tensor for {full}")
+                raise BadInput(f"{_tensor_source(ckpt)}: the checkpoint has no tensor for {full}")
             continue  # a buffer the model computes itself
         value = ckpt.get(key)
         if value.is_floating_point():  # parameters (meta, float32 in the skeleton) take `dtype`; buffers keep theirs
             value = value.to(dtype if t.is_meta else t.dtype)
+        if value.shape != t.shape:
+            raise BadInput(f"{_tensor_source(ckpt, key)}: tensor {key} has shape {list(value.shape)}, the model "
+                           f"(config.json) expects {list(t.shape)}")
         set_module_tensor_to_device(module, name, device, value=value)
     if tied_out and not module_name and checkpoint_key(model, ckpt, tied_out) is None:
         emb = model.get_input_embeddings().weight
         if not emb.is_meta:
             model.get_output_embeddings().weight = emb
+
+
+def _tensor_source(ckpt, key: str | None = None) -> str:
+    """For a message: the file that holds `key`, else the checkpoint's directory (an ExpandedCheckpoint's too)."""
+    files = getattr(ckpt, "files", None) or getattr(getattr(ckpt, "ckpt", None), "files", {})
+    if key in files:
+        return str(files[key])
+    return ", ".join(sorted({str(f.parent) for f in files.values()})) or "checkpoint"
 
 
 def _tied_output_weight(model: nn.Module) -> str | None:

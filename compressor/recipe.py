@@ -15,13 +15,16 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import BadInput
 from .passes import PASSES, PassConfig
+
+
+RECIPE_VERSION = 1  # the recipe format this compressor reads and writes
 
 
 class Calibration(BaseModel):
@@ -60,7 +63,7 @@ class PassSpec(BaseModel):
 
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    version: int = 1
+    version: Literal[1] = RECIPE_VERSION
     description: str = ""
     calibration: Calibration = Calibration()
     passes: list[PassSpec]
@@ -107,6 +110,10 @@ def parse_recipe(data: Any, source: str) -> Recipe:
     if not isinstance(data, dict):
         raise BadInput(f"{source}: a recipe is a mapping with a 'passes' list, got {type(data).__name__}")
     data = dict(data)
+    version = data.get("version", RECIPE_VERSION)
+    if version != RECIPE_VERSION or isinstance(version, bool):
+        raise BadInput(f"{source}: recipe version {version!r} is not supported; this compressor reads version "
+                       f"{RECIPE_VERSION}")
     raw_passes = data.pop("passes", None)
     if not isinstance(raw_passes, list) or not raw_passes:
         raise BadInput(f"{source}: 'passes' must be a non-empty list")
@@ -159,12 +166,16 @@ def load_recipe(ref: str | Path) -> Recipe:
     if not path.is_file():
         shipped = shipped_recipes()
         if str(ref) not in shipped:
+            if path.is_dir():
+                raise BadInput(f"recipe {ref} is a directory, not a YAML recipe file")
             if path.suffix in (".yaml", ".yml") or "/" in str(ref):
                 raise BadInput(f"recipe file {ref} does not exist")
             raise BadInput(f"unknown recipe {str(ref)!r}; shipped recipes: {', '.join(shipped)}")
         path = shipped[str(ref)]
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise BadInput(f"recipe file {path} is not UTF-8 text (invalid byte at offset {e.start})") from None
     except yaml.YAMLError as e:
         raise BadInput(f"{path}: not valid YAML: {e}") from None
     return parse_recipe(data, str(path))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,12 @@ def load_records(runs: Path) -> tuple[dict | None, list[dict]]:
             rec = json.loads(f.read_text())
         except json.JSONDecodeError as e:
             raise BadInput(f"{f} is not valid JSON: {e}") from None
+        check_record(rec, f)
         if rec.get("name") == "base":
             base = rec
         else:
+            if not (runs / str(rec.get("artifact")) / "compression.json").is_file():
+                raise BadInput(f"{f}: its artifact {runs / str(rec.get('artifact'))} has no compression.json")
             rec["_dir"] = str(f.parent)
             records.append(rec)
     if not records:
@@ -38,12 +42,35 @@ def load_records(runs: Path) -> tuple[dict | None, list[dict]]:
     return base, records
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_record(rec: Any, f: Path) -> None:
+    """A record the report can use: a JSON object with a finite `bits_per_weight` and a non-empty `quality` of
+    finite numbers (null allowed: shown as blank), else a BadInput naming the record and the field."""
+    if not isinstance(rec, dict):
+        raise BadInput(f"{f} is not a run record (a JSON object), got {type(rec).__name__}")
+    if not _is_number(rec.get("bits_per_weight")):
+        raise BadInput(f"{f}: bits_per_weight is {rec.get('bits_per_weight')!r}, not a number")
+    quality = rec.get("quality")
+    if not isinstance(quality, dict) or not quality:
+        raise BadInput(f"{f} has no quality metrics (no 'quality' numbers): a run that did not finish evaluating?")
+    for k, v in quality.items():
+        if v is not None and not _is_number(v):
+            raise BadInput(f"{f}: quality.{k} is {v!r}, not a number")
+
+
 def metric_of(records: list[dict]) -> tuple[str, bool]:
     """The quality number to plot and whether lower is better: perplexity (decoders) or cosine (encoders)."""
-    if all("perplexity" in r["quality"] for r in records):
-        return "perplexity", True
-    if all("cosine_similarity" in r["quality"] for r in records):
-        return "cosine_similarity", False
+    metrics = (("perplexity", True), ("cosine_similarity", False))
+    for metric, lower in metrics:
+        if all(_is_number(r["quality"].get(metric)) for r in records):
+            return metric, lower
+    for r in records:
+        if not any(_is_number(r["quality"].get(m)) for m, _ in metrics):
+            raise BadInput(f"{Path(r['_dir']) / RECORD} has neither perplexity nor cosine_similarity in its quality "
+                           f"metrics ({', '.join(r['quality'])})")
     raise BadInput("the runs mix decoders and encoders (perplexity and cosine similarity): report them apart")
 
 
@@ -101,7 +128,7 @@ def plot_quality(base: dict | None, records: list[dict], metric: str, lower: boo
     ax.step([xs[i] for i in front_idx], [ys[i] for i in front_idx], where="post", color="C3", lw=1.2, zorder=1)
     for r, x, y in zip(records, xs, ys):
         ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    if base and metric in base["quality"]:
+    if base and _is_number(base["quality"].get(metric)):
         ax.axhline(base["quality"][metric], color="C0", ls="--", lw=1,
                    label=f"base ({base['bits_per_weight']:.0f}-bit): {base['quality'][metric]:.4g}")
     ax.set_xlabel("bits per weight (scales and zero points counted)")

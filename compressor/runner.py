@@ -7,13 +7,16 @@ done, and dropped. The runner knows passes only through the registry.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
+from .data import check_window_request
 from .errors import BadInput
 from .models import Checkpoint, checkpoint_key, find_blocks, materialize, release
 from .passes import PassInfo, get_pass
@@ -243,6 +246,48 @@ def cache_device(ctx: Context, nbytes: int) -> torch.device:
     ctx.log(f"calibration activations ({nbytes / 2**30:.1f} GiB) stay on the CPU; {free / 2**30:.1f} GiB free on "
             f"{ctx.device}")
     return torch.device("cpu")
+
+
+# run_blocks caches at most this many streams of calibration activations: the block inputs, the FP outputs, the
+# compressed outputs and the FP model's stream (block reconstruction targets)
+ACTIVATION_STREAMS = 4
+
+
+def check_calibration(samples: int, seq_len: int, config: dict, device: torch.device) -> None:
+    """Refuse, before any text is read, calibration the model or this machine cannot take: windows longer than the
+    model's positions, or activations (ACTIVATION_STREAMS float32 copies of samples x seq_len x hidden, plus the
+    int64 token windows) larger than the memory they would live in (see cache_device)."""
+    check_window_request(samples, seq_len)
+    text = config.get("text_config") or {}
+    limit = config.get("max_position_embeddings") or text.get("max_position_embeddings")
+    if isinstance(limit, int) and seq_len > limit:
+        raise BadInput(f"seq_len {seq_len} is longer than the model's max_position_embeddings {limit}")
+    hidden = int(config.get("hidden_size") or config.get("d_model") or text.get("hidden_size") or 4096)
+    activations = samples * seq_len * hidden * 4 * ACTIVATION_STREAMS
+    need = samples * seq_len * 8
+    if device.type != "cuda" or activations > torch.cuda.mem_get_info(device)[0] // 2:
+        need += activations  # they stay in host memory
+    avail = host_memory_available()
+    if need > avail:
+        raise BadInput(f"calibration of {samples} windows of seq_len {seq_len} needs about {need / 2**30:.1f} GiB "
+                       f"for its activations (hidden size {hidden}), more than the {avail / 2**30:.1f} GiB of memory "
+                       f"available: lower samples or seq_len")
+
+
+def host_memory_available() -> int:
+    """Bytes of host memory this process can still take: /proc/meminfo's MemAvailable (else the physical memory),
+    bounded by the cgroup's limit when it has one (a container's OOM killer acts on that)."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return avail
+    return min(avail, int(limit) - used) if limit.isdigit() else avail
 
 
 @dataclass

@@ -196,8 +196,8 @@ def test_calibration_shorter_than_one_window(tmp_path, tiny_llama):
     calib.write_text(" ".join(["word"] * 20) + "\n")
     out = tmp_path / "out"
     r = run_cli("model", str(tiny_llama), "--recipe", "w4-rtn", "--out", str(out), "--calib", str(calib),
-                "--samples", "2", "--seq-len", "512")
-    assert_error(r, 2, "short.txt", "seq_len 512")
+                "--samples", "2", "--seq-len", "128")
+    assert_error(r, 2, "short.txt", "seq_len 128")
     assert_nothing_left(out)
 
 
