@@ -140,20 +140,23 @@ def source_root(path: Path) -> Path:
 
 def copied_files(path: Path) -> list[Path]:
     """The tokenizer files an artifact copies from model directory `path`, each checked to be a regular file
-    inside it (a link only within a hub cache snapshot's repository); BadInput naming any other: a link or a
-    directory of that name would copy content from elsewhere into the artifact (`merges.txt -> /etc/passwd`)."""
-    root, real_dir = source_root(path), path.resolve()
+    inside it (or inside the repository of a hub cache snapshot, source_root); BadInput naming any other: a link
+    out of it would copy content from elsewhere into the artifact (`merges.txt -> /etc/passwd`)."""
+    root = source_root(path)
     out = []
     for name in TOKENIZER_FILES:
         f = path / name
         if not f.exists() and not f.is_symlink():
             continue
-        if f.is_symlink() and root == real_dir:
-            raise BadInput(f"{f} is a symbolic link (to {os.readlink(f)}); the files copied into the artifact "
-                           f"must be regular files inside {path}")
-        real = f.resolve()
-        if not real.is_relative_to(root) or not real.is_file():
-            raise BadInput(f"{f} resolves to {real}, not a regular file inside {root}")
+        try:
+            real = f.resolve()
+        except (OSError, RuntimeError) as e:  # a loop of links
+            raise BadInput(f"{f} cannot be resolved ({e})") from None
+        if not real.is_relative_to(root):
+            raise BadInput(f"{f} links to {real}, outside the model directory {root}: the files copied into "
+                           "the artifact must be inside it")
+        if not real.is_file():
+            raise BadInput(f"{f} is not a regular file")
         out.append(f)
     return out
 
@@ -212,6 +215,7 @@ def file_sha256(path: Path) -> str:
     if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
         return entry["sha256"]
     digest = sha256_file(real)
+    known = {p: e for p, e in known.items() if os.path.exists(p)}  # files gone since (temporary copies)
     known[str(real)] = {"stamp": stamp, "sha256": digest}
     try:  # a cache only: a failed write (read-only cache, a race with another run) costs a re-hash next time
         index.parent.mkdir(parents=True, exist_ok=True)
@@ -286,7 +290,8 @@ def convert_pickle(path: Path, trust_remote_code: bool) -> Path:
 
 
 class Checkpoint:
-    """Lazy read access to the tensors of a safetensors directory (one or many files)."""
+    """Lazy read access to the tensors of a safetensors directory (one or many files). A floating-point tensor
+    holding NaN or inf is refused as it is read (BadInput naming it)."""
 
     def __init__(self, path: Path):
         self.files: dict[str, Path] = {}
@@ -305,7 +310,10 @@ class Checkpoint:
         # Opened per read and closed at once: a handle kept open keeps every page it has touched mapped,
         # so resident memory would grow with the model instead of staying at one block.
         with safe_open(self.files[key], framework="pt") as h:
-            return h.get_tensor(key)
+            value = h.get_tensor(key)
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise BadInput(f"tensor {key} in {self.files[key]} holds NaN or inf values: non-finite weights cannot be used")
+        return value
 
 
 def model_class(config):
@@ -381,8 +389,6 @@ def materialize(model: nn.Module, module_name: str, ckpt: Checkpoint, device: st
                 raise CompressorError(f"checkpoint has no tensor for {full}")
             continue  # a buffer the model computes itself
         value = ckpt.get(key)
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise BadInput(f"tensor {key} holds NaN or inf values: non-finite weights cannot be used")
         if value.is_floating_point():  # parameters (meta, float32 in the skeleton) take `dtype`; buffers keep theirs
             value = value.to(dtype if t.is_meta else t.dtype)
         set_module_tensor_to_device(module, name, device, value=value)
