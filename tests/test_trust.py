@@ -110,8 +110,8 @@ def test_symlink_out_of_source_is_refused(tmp_path, tiny_llama, small_calib):
 
 def test_hub_snapshot_links_and_linked_weights_work(tmp_path, tiny_llama, small_calib):
     """A hub cache snapshot (every file a link into REPO/blobs) compresses, its tokenizer copied by content; so
-    does a directory whose weights and config.json are links to another directory (they are parsed, never
-    copied as they are)."""
+    does a directory whose weights and config.json are links to another directory (they must parse as a
+    checkpoint and a model config; their bytes are not copied as they are)."""
     repo = tmp_path / "hub" / "models--x--tiny"
     snap = repo / "snapshots" / "0123abc"
     (repo / "blobs").mkdir(parents=True)
