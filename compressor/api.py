@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from . import __version__
-from .artifact import (ArtifactWriter, FORMAT_VERSION, MASKED_QUANT, SPARSE_BITMASK, TOKENIZER_FILES, check_output,
+from .artifact import (ArtifactWriter, FORMAT_VERSION, MASKED_QUANT, SPARSE_BITMASK, check_output,
                        ct_layer_schemes, ct_quantization_config, ct_sparse_layers, file_hashes)
 from .data import load_windows
 from .errors import BadInput
-from .models import (Checkpoint, ModelSource, checkpoint_key, find_blocks, load_dense, materialize, resolve_model,
-                     skeleton)
+from .models import (Checkpoint, ModelSource, checkpoint_key, copied_files, find_blocks, load_dense, materialize,
+                     resolve_model, skeleton)
 from .modules import QuantLinear
 from .quant import QWeight, pack_int32, qweight_from_tensors
 from .recipe import load_recipe
@@ -35,10 +35,11 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """The tokenizer of a model directory; its own code runs only with `trust_remote_code`."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def _prepare(model: str, recipe: str | Path, calib, samples, seq_len, seed, device: str, log: Callable[[str], None],
@@ -50,9 +51,11 @@ def _prepare(model: str, recipe: str | Path, calib, samples, seq_len, seed, devi
     src = resolve_model(model, allow_pickle, trust_remote_code)
     if src.is_compressed:
         raise BadInput(f"model {model} is already compressed (compressed-tensors); give the uncompressed checkpoint")
+    find_blocks(skeleton(src.path, trust_remote_code))  # an unsupported kind of model is refused before any work
     check_calibration(rec.calibration.samples, rec.calibration.seq_len, src.config, dev)
     cal = rec.calibration
-    windows, cal_info = load_windows(load_tokenizer(src.path), calib, cal.samples, cal.seq_len, cal.seed)
+    windows, cal_info = load_windows(load_tokenizer(src.path, trust_remote_code), calib, cal.samples, cal.seq_len,
+                                     cal.seed)
     log(f"calibration: {cal_info['source']}: {cal.samples} windows of {cal.seq_len} tokens, seed {cal.seed}")
     torch.manual_seed(cal.seed)
     return rec, dev, src, windows, cal_info
@@ -175,9 +178,8 @@ def finish_artifact(writer: ArtifactWriter, skel: nn.Module, ckpt: Checkpoint, s
     config = src.config
     config["quantization_config"] = ct_quantization_config(layers, [n for n in linears if n not in layers])
     writer.write_json("config.json", config)
-    for name in TOKENIZER_FILES:
-        if (src.path / name).is_file():
-            writer.copy_in(src.path / name)
+    for f in copied_files(src.path):  # checked again: each a regular file inside the source
+        writer.copy_in(f)
     writer.write_text("recipe.yaml", recipe_yaml)
     manifest = {"format_version": FORMAT_VERSION, "tool": "compressor", "tool_version": __version__,
                 "compressed_tensors_version": _ct_version(), **info, **manifest_sizes(layers)}
@@ -425,7 +427,7 @@ def generate(target: str, prompt: str, max_new_tokens: int = 64, device: str = "
     if dev.type == "cpu":
         dequantize_model(model, dt)
     model.eval()
-    tok = load_tokenizer(src.path)
+    tok = load_tokenizer(src.path, trust_remote_code)
     ids = tok(prompt, return_tensors="pt")["input_ids"].to(dev)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
     if ignore_eos:

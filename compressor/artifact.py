@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import save_file
 
+from . import safejson
 from .data import sha256_file
 from .errors import BadInput, CompressorError
 
@@ -162,7 +163,7 @@ class ArtifactWriter:
         (self.tmp / name).write_text(text)
 
     def write_json(self, name: str, obj: Any) -> None:
-        self.write_text(name, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        self.write_text(name, safejson.dumps(obj, indent=2, sort_keys=True) + "\n")
 
     def copy_in(self, src: Path) -> None:
         shutil.copyfile(src, self.tmp / src.name)

@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from . import safejson
 from .errors import BadInput, CompressorError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -96,7 +97,7 @@ def _window_progress() -> Iterator[Any]:
 
 def _emit(obj: dict[str, Any], as_json: bool, table_title: str) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(obj, default=str) + "\n")
+        sys.stdout.write(safejson.dumps(obj, default=str) + "\n")
         return
     t = Table(title=table_title, show_header=False)
     for k, v in obj.items():
@@ -178,7 +179,7 @@ def inspect_cmd(path: Path = typer.Argument(..., help="artifact directory"), as_
     with _guard():
         info = describe(path)
         if as_json:
-            sys.stdout.write(json.dumps(info) + "\n")
+            sys.stdout.write(safejson.dumps(info) + "\n")
         else:
             _emit({k: v for k, v in info.items() if k not in ("files", "layers")}, False, str(path))
             pruned = any("sparsity" in v for v in info["layers"].values())
@@ -218,7 +219,7 @@ def recipes_cmd(as_json: bool = JSON, quiet: bool = QUIET) -> None:
             rows.append({"name": name, "passes": [p.name for p in r.passes], "description": r.description,
                          "path": str(path)})
         if as_json:
-            sys.stdout.write(json.dumps({"recipes": rows}) + "\n")
+            sys.stdout.write(safejson.dumps({"recipes": rows}) + "\n")
             return
         t = Table("recipe", "passes", "description")
         for r in rows:
@@ -283,7 +284,7 @@ def sweep_cmd(
             res = sweep(model, names, eval_data, out, calib, samples, seq_len, seed, max_tokens, eval_seq_len, device,
                         force, allow_pickle, trust_remote_code, on_event)
         if as_json:
-            sys.stdout.write(json.dumps(res) + "\n")
+            sys.stdout.write(safejson.dumps(res) + "\n")
         if res["failed"]:
             raise typer.Exit(1)
 
@@ -302,7 +303,7 @@ def report_cmd(
     with _guard():
         res = write_report(runs, out)
         if as_json:
-            sys.stdout.write(json.dumps(res) + "\n")
+            sys.stdout.write(safejson.dumps(res) + "\n")
         else:
             err.print(f"wrote {', '.join(res['files'])}; Pareto-optimal: {', '.join(res['pareto'])}", highlight=False)
 
@@ -332,7 +333,7 @@ def verify_cmd(
             res = verify(artifact, data, max_ppl, max_kl, min_cos, base, max_tokens, seq_len, device,
                          on_window=on_window)
         if as_json:
-            sys.stdout.write(json.dumps(res) + "\n")
+            sys.stdout.write(safejson.dumps(res) + "\n")
         t = Table("check", "result", "detail", title=f"verify {artifact}")
         for c in res["checks"]:
             t.add_row(c["check"], "[green]ok[/]" if c["ok"] else "[bold red]FAILED[/]", c["detail"])
@@ -363,7 +364,7 @@ def generate_cmd(
     with _guard():
         res = generate(target, prompt, max_new_tokens, device, dtype, ignore_eos, allow_pickle, trust_remote_code)
         if as_json:
-            sys.stdout.write(json.dumps(res) + "\n")
+            sys.stdout.write(safejson.dumps(res) + "\n")
             return
         sys.stdout.write(res["text"] + "\n")
         kern = f", kernels {res['kernels']}" if res["kernels"] else ""
@@ -439,7 +440,7 @@ def sensitivity_cmd(
         if out is not None:
             _write_atomic(out, lambda p: p.write_text(json.dumps(res, indent=2) + "\n"))
         if as_json:
-            sys.stdout.write(json.dumps(res) + "\n")
+            sys.stdout.write(safejson.dumps(res) + "\n")
             return
         t = Table("estimate", "predicted dF", "/ measured", title=f"dF of {recipe} on {model}: measured "
                   f"{res['measured_dF']:.5g} ({res['tokens']} tokens)")
@@ -475,7 +476,7 @@ def utilization_cmd(
         if out is not None:
             _write_atomic(out, lambda p: p.write_text(json.dumps(res, indent=2) + "\n"))
         if as_json:
-            sys.stdout.write(json.dumps(res) + "\n")
+            sys.stdout.write(safejson.dumps(res) + "\n")
             return
         t = Table("layer", "d_in x d_out", *[f"rank @ {x}" for x in taus], title=f"Utilized rank of {model} "
                   f"({res['tokens']} tokens); mean utilization " + ", ".join(f"{res['mean_utilization'][str(x)]:.3f} @ {x}" for x in taus))

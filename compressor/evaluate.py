@@ -83,7 +83,7 @@ def evaluate(target: str, data: list[str | Path], max_tokens: int = 16384, seq_l
     if dev.type == "cpu":
         dequantize_model(model)  # same numbers as QuantLinear's reference path, dequantized once
     base_model = load(base, str(dev), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code) if base else None
-    tokens = tokenize(load_tokenizer(src.path), texts)
+    tokens = tokenize(load_tokenizer(src.path, trust_remote_code), texts)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and seq_len > limit:
         raise BadInput(f"seq_len {seq_len} is longer than the model's max_position_embeddings {limit}")

@@ -22,10 +22,15 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
 
+from .artifact import TOKENIZER_FILES
+from .data import sha256_file
 from .errors import BadInput, CompressorError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# JSON files whose `auto_map` makes transformers import Python code from the model's directory
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json",
+                     "image_processor_config.json", "feature_extractor_config.json")
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,7 @@ class ModelSource:
 
     @property
     def config(self) -> dict:
-        return json.loads((self.path / "config.json").read_text())
+        return read_json_object(self.path / "config.json")
 
     @property
     def is_compressed(self) -> bool:
@@ -46,6 +51,17 @@ class ModelSource:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("COMPRESSOR_CACHE", Path.home() / ".cache" / "compressor"))
+
+
+def read_json_object(f: Path) -> dict:
+    """The JSON object in file `f`; BadInput naming the file when it is not UTF-8 JSON or not an object."""
+    try:
+        obj = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"{f} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise BadInput(f"{f} holds a JSON {type(obj).__name__}, not an object")
+    return obj
 
 
 def demo_gguf() -> Path:
@@ -89,11 +105,16 @@ def _download(repo_id: str) -> Path:
 
 
 def _local_dir(ref: str, path: Path, allow_pickle: bool, trust_remote_code: bool, kind: str = "hf") -> ModelSource:
+    """Check a model (or artifact) directory before anything reads it: a config.json object, no remote code
+    without --trust-remote-code, tokenizer files confined to it, complete safetensors (or allowed pickles)."""
     if not (path / "config.json").is_file():
         raise BadInput(f"model directory {path} has no config.json: is it a Hugging Face model directory?")
-    config = json.loads((path / "config.json").read_text())
-    if config.get("auto_map") and not trust_remote_code:
-        raise BadInput(f"model {ref} needs code from its repository (auto_map in config.json); pass --trust-remote-code to allow it")
+    for name in REMOTE_CODE_FILES:
+        f = path / name
+        if f.is_file() and read_json_object(f).get("auto_map") and not trust_remote_code:
+            raise BadInput(f"model {ref} needs code from its repository (auto_map in {f}); "
+                           "pass --trust-remote-code to allow it")
+    copied_files(path)
     if safetensors_files(path):
         check_safetensors(path)
         return ModelSource(ref, path, kind)
@@ -106,6 +127,38 @@ def _local_dir(ref: str, path: Path, allow_pickle: bool, trust_remote_code: bool
             "arbitrary code when loaded; pass --allow-pickle if you trust it"
         )
     return ModelSource(ref, convert_pickle(path, trust_remote_code), "pickle")
+
+
+def source_root(path: Path) -> Path:
+    """Where the files of model directory `path` may live: the directory itself, or for a Hugging Face hub cache
+    snapshot (REPO/snapshots/REVISION, whose files are links to REPO/blobs/HASH) the repository's cache folder."""
+    real = path.resolve()
+    if real.parent.name == "snapshots" and (real.parent.parent / "blobs").is_dir():
+        return real.parent.parent
+    return real
+
+
+def copied_files(path: Path) -> list[Path]:
+    """The tokenizer files an artifact copies from model directory `path`, each checked to be a regular file
+    inside it (or inside the repository of a hub cache snapshot, source_root); BadInput naming any other: a link
+    out of it would copy content from elsewhere into the artifact (`merges.txt -> /etc/passwd`)."""
+    root = source_root(path)
+    out = []
+    for name in TOKENIZER_FILES:
+        f = path / name
+        if not f.exists() and not f.is_symlink():
+            continue
+        try:
+            real = f.resolve()
+        except (OSError, RuntimeError) as e:  # a loop of links
+            raise BadInput(f"{f} cannot be resolved ({e})") from None
+        if not real.is_relative_to(root):
+            raise BadInput(f"{f} links to {real}, outside the model directory {root}: the files copied into "
+                           "the artifact must be inside it")
+        if not real.is_file():
+            raise BadInput(f"{f} is not a regular file")
+        out.append(f)
+    return out
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -146,11 +199,39 @@ def _convert_atomically(dest: Path, build) -> Path:
     return dest
 
 
-def _file_key(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, computed once per version of it: remembered in cache_dir()/sha256.json against its
+    resolved path, size, mtime_ns and inode, so a 100 MB GGUF is not read again on every run."""
+    real = path.resolve()
+    st = real.stat()
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+    index = cache_dir() / "sha256.json"
+    try:
+        known = json.loads(index.read_text())
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(str(real))
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = sha256_file(real)
+    known = {p: e for p, e in known.items() if os.path.exists(p)}  # files gone since (temporary copies)
+    known[str(real)] = {"stamp": stamp, "sha256": digest}
+    try:  # a cache only: a failed write (read-only cache, a race with another run) costs a re-hash next time
+        index.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index.with_name(f".{index.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+        os.replace(tmp, index)
+    except OSError:
+        pass
+    return digest
+
+
+def content_key(files: list[Path]) -> str:
+    """16 hex digits identifying the names and contents of `files`: the key of a conversion in the cache."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-    h.update(str(path.stat().st_size).encode())
+    for f in sorted(files, key=lambda f: f.name):
+        h.update(f"{f.name}\0{file_sha256(f)}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -158,14 +239,15 @@ def convert_gguf(gguf: Path) -> Path:
     """GGUF -> cached fp32 safetensors directory (dequantized once, by transformers' GGUF reader)."""
     if not gguf.is_file():
         raise BadInput(f"GGUF file {gguf} does not exist")
-    dest = cache_dir() / "converted" / f"{gguf.stem}-{_file_key(gguf)}"
+    dest = cache_dir() / "converted" / f"{gguf.stem}-{content_key([gguf])}"
 
     def build(tmp: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         try:
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                         trust_remote_code=False)
         except Exception as e:
             raise BadInput(f"could not read GGUF file {gguf}: {e}") from None
         save_plain(model, tmp)
@@ -189,10 +271,11 @@ def save_plain(model: nn.Module, dest: Path) -> None:
 
 
 def convert_pickle(path: Path, trust_remote_code: bool) -> Path:
-    """Pickle checkpoint (allowed by the user) -> cached safetensors directory."""
+    """Pickle checkpoint (allowed by the user) -> cached safetensors directory, keyed by the content of every
+    file in the checkpoint's directory (weights, config, tokenizer)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    dest = cache_dir() / "converted" / f"{path.name}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
+    dest = cache_dir() / "converted" / f"{path.name}-{content_key([f for f in path.iterdir() if f.is_file()])}"
 
     def build(tmp: Path) -> None:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -207,7 +290,8 @@ def convert_pickle(path: Path, trust_remote_code: bool) -> Path:
 
 
 class Checkpoint:
-    """Lazy read access to the tensors of a safetensors directory (one or many files)."""
+    """Lazy read access to the tensors of a safetensors directory (one or many files). A floating-point tensor
+    holding NaN or inf is refused as it is read (BadInput naming it)."""
 
     def __init__(self, path: Path):
         self.files: dict[str, Path] = {}
@@ -226,7 +310,10 @@ class Checkpoint:
         # Opened per read and closed at once: a handle kept open keeps every page it has touched mapped,
         # so resident memory would grow with the model instead of staying at one block.
         with safe_open(self.files[key], framework="pt") as h:
-            return h.get_tensor(key)
+            value = h.get_tensor(key)
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise BadInput(f"tensor {key} in {self.files[key]} holds NaN or inf values: non-finite weights cannot be used")
+        return value
 
 
 def model_class(config):
@@ -368,16 +455,27 @@ _LIBC = _load_libc()
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The repeated transformer blocks: the longest ModuleList of same-class modules holding Linears."""
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) > 0:
-            kinds = {type(c) for c in m}
-            if len(kinds) == 1 and any(isinstance(x, nn.Linear) for x in m[0].modules()):
-                if best is None or len(m) > len(best[1]):
-                    best = (name, m)
-    if best is None:
-        raise BadInput(f"cannot find the transformer blocks of {type(model).__name__}")
+    """The repeated transformer blocks: the longest ModuleList of same-class modules holding Linears. A model
+    with more than one such stack (an encoder-decoder, a vision tower beside a decoder) is refused (BadInput):
+    only one stack would be compressed and the artifact would not load."""
+    arch = type(model).__name__
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise BadInput(f"{arch} is an encoder-decoder model, which is not supported: "
+                       "give a decoder-only causal LM or a BERT-like encoder")
+    stacks = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1
+              and any(isinstance(x, nn.Linear) for x in m[0].modules())]
+    if not stacks:
+        raise BadInput(f"cannot find the transformer blocks of {arch}")
+    best = max(stacks, key=lambda s: len(s[1]))  # the first of the longest
+
+    def nested(a: str, b: str) -> bool:
+        return not b or a.startswith(b + ".")
+
+    others = [n for n, _ in stacks if n != best[0] and not nested(n, best[0])]  # beside it, or around it
+    if others:
+        raise BadInput(f"{arch} has more than one stack of blocks ({', '.join([best[0], *others])}), which is not "
+                       "supported: give a decoder-only causal LM or a BERT-like encoder")
     return best
 
 
