@@ -27,10 +27,6 @@ from .errors import BadInput, CompressorError
 
 SHARD_BYTES = 5 * 1024**3
 FORMAT_VERSION = 1
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.txt",
-    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
-)
 
 
 def check_output(out: Path, force: bool, source: Path | None = None) -> None:

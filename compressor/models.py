@@ -22,12 +22,17 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
 
-from .artifact import TOKENIZER_FILES
 from .data import sha256_file
 from .errors import BadInput, CompressorError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Files an artifact copies from its source model beside the weights (models.copied_files checks each)
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.txt",
+    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
+)
+
 # JSON files whose `auto_map` makes transformers import Python code from the model's directory
 REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json",
                      "image_processor_config.json", "feature_extractor_config.json")
