@@ -13,7 +13,7 @@ from torch import nn
 from . import __version__
 from .artifact import (ArtifactWriter, FORMAT_VERSION, MASKED_QUANT, SPARSE_BITMASK, check_output,
                        ct_layer_schemes, ct_quantization_config, ct_sparse_layers, file_hashes)
-from .data import load_windows
+from .data import check_window_request, load_windows
 from .errors import BadInput
 from .models import (Checkpoint, ModelSource, checkpoint_key, copied_files, find_blocks, load_dense, materialize,
                      resolve_model, skeleton)
@@ -516,9 +516,7 @@ def utilization(model: str = "demo", calib: list[str | Path] | None = None, samp
     from . import lowrank as LR
     from .runner import stream_fp_layers
 
-    for flag, n in (("--samples", samples), ("--seq-len", seq_len)):
-        if n < 1:
-            raise BadInput(f"{flag} {n}: must be at least 1")
+    check_window_request(samples, seq_len)  # before anything is loaded
     if not taus or any(not 0 < t <= 1 for t in taus):
         raise BadInput(f"--tau must be energy fractions in (0, 1], got {list(taus)}")
     t0 = time.perf_counter()

@@ -98,9 +98,9 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
 def check_window_request(samples: int, seq_len: int) -> None:
     """Calibration sizes that mean something: at least one window, of at least two tokens."""
     if samples < 1:
-        raise BadInput(f"calibration samples {samples}: need at least 1 window")
+        raise BadInput(f"--samples {samples}: calibration needs at least 1 window")
     if seq_len < 2:
-        raise BadInput(f"calibration seq_len {seq_len}: a window needs at least 2 tokens")
+        raise BadInput(f"--seq-len {seq_len}: a calibration window needs at least 2 tokens")
 
 
 def calibration_windows(tokens: torch.Tensor, samples: int, seq_len: int, seed: int, what: str = "calibration data") -> torch.Tensor:

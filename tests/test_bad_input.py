@@ -58,7 +58,7 @@ def test_more_windows_than_the_corpus_has_tokens(tmp_path, tiny_llama, small_cal
 @pytest.mark.parametrize("cmd,samples,seq_len,needle", [
     ("utilization", "0", "32", "samples 0"),
     ("utilization", "-3", "32", "samples -3"),
-    ("utilization", "2", "0", "seq_len 0"),
+    ("utilization", "2", "0", "--seq-len 0"),
     ("model", "0", "32", "samples"),
     ("model", "2", "0", "seq_len"),
 ])

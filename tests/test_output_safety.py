@@ -215,12 +215,6 @@ def test_result_file_in_a_missing_directory_is_refused_before_work(tmp_path, tin
     assert not (tmp_path / "nodir").exists()
 
 
-@pytest.mark.parametrize("samples", ["0", "-1"])
-def test_utilization_samples_below_one(tmp_path, tiny_llama, samples):
-    r = run_cli("utilization", str(tiny_llama), "--samples", samples, "--calib", str(tmp_path / "never-read.txt"))
-    assert_error(r, 2, f"--samples {samples}", "at least 1")
-
-
 # ---------------------------------------------------------------------------------------------- sweep
 
 def sweep_cli(model: Path, recipes: str, out: Path, calib: Path) -> subprocess.CompletedProcess:
