@@ -401,7 +401,11 @@ def evaluate(*args: Any, **kwargs: Any) -> dict[str, Any]:
 
 
 VERIFY_PROMPT = "It is a truth universally acknowledged"
-TRANSFORMERS_ATOL = 0.5  # verify --transformers: max abs logit difference to our loader on VERIFY_PROMPT
+# verify --transformers: the max abs difference of transformers' logits to ours on VERIFY_PROMPT, as a fraction of our
+# largest |logit|. Dequantizing at load, compressed-tensors rounds the weights to float16 (2^-11 relative; measured on
+# the demo at W4 per channel, asymmetric: max abs difference 0.015 on the prompt, 0.11 on 48 random tokens, about
+# 0.4% of the largest logit); a weight left unloaded or misread moves logits by whole units.
+TRANSFORMERS_RTOL = 0.01
 
 
 def verify(path: str | Path, data: list[str | Path] | None = None, max_ppl: float | None = None,
@@ -468,8 +472,8 @@ def verify(path: str | Path, data: list[str | Path] | None = None, max_ppl: floa
 
 def transformers_check(path: Path, info: dict[str, Any], ids: torch.Tensor, ours: torch.Tensor) -> dict[str, Any]:
     """verify's `transformers` row: the artifact opened by transformers' own loader gives, on the same prompt, our
-    loader's logits (encoders: last hidden states) to TRANSFORMERS_ATOL max abs difference, with no weight left
-    missing. compressed-tensors dequantizes at load when a layer is asymmetric (transformers cannot run those
+    loader's logits (encoders: last hidden states) to TRANSFORMERS_RTOL of their largest magnitude, with no weight
+    left missing. compressed-tensors dequantizes at load when a layer is asymmetric (transformers cannot run those
     packed); artifacts with our extensions fail it (transformers does not know them)."""
     from transformers import CompressedTensorsConfig
 
@@ -499,10 +503,11 @@ def transformers_check(path: Path, info: dict[str, Any], ids: torch.Tensor, ours
         o = model.to(ours.device).eval()(input_ids=ids)
     theirs = o.logits if is_causal_lm(model) else o.last_hidden_state
     diff = float((theirs.float() - ours.float()).abs().max())
+    bound = TRANSFORMERS_RTOL * float(ours.float().abs().max())
     how = "dequantized at load" if asym else "packed"
-    return {"check": "transformers", "ok": diff <= TRANSFORMERS_ATOL, "value": diff, "bound": TRANSFORMERS_ATOL,
-            "detail": f"{how}: max abs difference {diff:.3g} {'<=' if diff <= TRANSFORMERS_ATOL else '>'} "
-                      f"{TRANSFORMERS_ATOL:g} to our loader"}
+    return {"check": "transformers", "ok": diff <= bound, "value": diff, "bound": bound,
+            "detail": f"{how}: max abs difference to our loader {diff:.3g} {'<=' if diff <= bound else '>'} {bound:.3g} "
+                      f"({TRANSFORMERS_RTOL:g} of the largest)"}
 
 
 def source_files(path: Path) -> list[Path]:
