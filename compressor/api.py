@@ -261,7 +261,7 @@ def check_artifact(path: str | Path) -> None:
     CompressorError (exit 1) naming what does not match. Other model references are left alone: they have no
     manifest to check against. Hashing costs a read of the files (see the README's verify section)."""
     p = Path(str(path)).expanduser()
-    if not (p.is_dir() and (p / MANIFEST).exists()):
+    if not (p.is_dir() and ((p / MANIFEST).exists() or (p / MANIFEST).is_symlink())):
         return
     bad = verify_hashes(p, read_manifest(p))
     if bad:
@@ -475,7 +475,7 @@ def transformers_check(path: Path, info: dict[str, Any], ids: torch.Tensor, ours
     loader's logits (encoders: last hidden states) to TRANSFORMERS_RTOL of their largest magnitude, with no weight
     left missing. compressed-tensors dequantizes at load when a layer is asymmetric (transformers cannot run those
     packed); artifacts with our extensions fail it (transformers does not know them)."""
-    from transformers import CompressedTensorsConfig
+    from transformers import AutoConfig, CompressedTensorsConfig
 
     from .models import is_causal_lm, model_class
 
@@ -486,14 +486,12 @@ def transformers_check(path: Path, info: dict[str, Any], ids: torch.Tensor, ours
     asym = any((g.get("weights") or {}).get("symmetric") is False for g in (qc.get("config_groups") or {}).values())
     kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if asym else {}
     try:
-        from transformers import AutoConfig
-
         cls = model_class(AutoConfig.from_pretrained(path, trust_remote_code=False))
         model, loading = cls.from_pretrained(path, dtype=torch.float32, trust_remote_code=False,
                                              output_loading_info=True, **kwargs)
     except Exception as e:  # any failure of transformers' loader is this check failing, not verify crashing
         return {"check": "transformers", "ok": False,
-                "detail": f"transformers cannot load it: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+                "detail": f"transformers cannot load it: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
     missing = sorted({*loading.get("missing_keys", []), *(k for k, *_ in loading.get("mismatched_keys", []))})
     if missing:
         return {"check": "transformers", "ok": False,
@@ -554,9 +552,10 @@ def recorded_base(source: dict[str, Any]) -> str:
                        "name (written before the resolved path was recorded): pass --base MODEL")
     if kind != "hub" and not where.exists():
         raise BadInput(f"the artifact's source model {where} (given as {ref!r}) is not there: pass --base MODEL")
-    if "sha256" in source:
+    recorded = source.get("sha256")
+    if isinstance(recorded, dict):
         now = file_hashes(source_files(where))
-        changed = sorted(n for n in {*now, *source["sha256"]} if now.get(n) != source["sha256"].get(n))
+        changed = sorted(n for n in {*now, *recorded} if now.get(n) != recorded.get(n))
         if changed:
             raise BadInput(f"the artifact's source model {where} is not the one it was made from ({', '.join(changed)} "
                            "changed since): pass --base MODEL")
