@@ -13,8 +13,9 @@ from torch import nn
 from . import __version__
 from .artifact import (ArtifactWriter, FORMAT_VERSION, MASKED_QUANT, SPARSE_BITMASK, check_output,
                        ct_layer_schemes, ct_quantization_config, ct_sparse_layers, file_hashes)
-from .data import check_window_request, load_windows
-from .errors import BadInput
+from .artifact import MANIFEST, MANIFEST_DIGEST, manifest_check, manifest_digest_line, read_manifest, verify_hashes
+from .data import check_window_request, load_windows, sha256_file
+from .errors import BadInput, CompressorError
 from .models import (Checkpoint, ModelSource, checkpoint_key, copied_files, find_blocks, load_dense, materialize,
                      resolve_model, skeleton)
 from .modules import QuantLinear
@@ -98,7 +99,7 @@ def compress(
 
         rec = run_blocks(skel, ckpt, rec, windows, ctx, done)  # with the plans' assignments
         manifest = finish_artifact(writer, skel, ckpt, src, layers, rec.to_yaml(), {
-            "source": {"ref": model, "kind": src.kind},
+            "source": source_record(model, src),
             "recipe": {"source": rec.source, "passes": [p.name for p in rec.passes]},
             "calibration": cal_info,
             "metrics": {"block_output_rel_mse": {k: round(v, 8) for k, v in block_errs.items()}},
@@ -186,7 +187,8 @@ def finish_artifact(writer: ArtifactWriter, skel: nn.Module, ckpt: Checkpoint, s
     files = writer.files()
     manifest["size_bytes"] = sum(f.stat().st_size for f in files)
     manifest["files"] = file_hashes(files)
-    writer.write_json("compression.json", manifest)
+    writer.write_json(MANIFEST, manifest)
+    writer.write_text(MANIFEST_DIGEST, manifest_digest_line(sha256_file(writer.tmp / MANIFEST)))  # last: seals it
     return manifest
 
 
@@ -244,14 +246,30 @@ def _ct_version() -> str | None:
 
 
 def load(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
-         allow_pickle: bool = False, trust_remote_code: bool = False) -> nn.Module:
+         allow_pickle: bool = False, trust_remote_code: bool = False, verify: bool = True) -> nn.Module:
     """A torch model from an artifact (QuantLinear layers, dequantized through ops.py) or from any model
-    reference (floating point)."""
+    reference (floating point). An artifact's files are checked against its manifest first (check_artifact)
+    unless `verify` is False."""
+    if verify:
+        check_artifact(path)
     src = resolve_model(str(path), allow_pickle, trust_remote_code)
     dev = pick_device(device)
     if not src.is_compressed:
         return load_dense(src, str(dev), dtype)
     return load_compressed(src, dev, dtype)
+
+
+def check_artifact(path: str | Path) -> None:
+    """When `path` is one of our artifacts (a directory with compression.json), every check of verify_hashes, or a
+    CompressorError (exit 1) naming what does not match. Other model references are left alone: they have no
+    manifest to check against. Hashing costs a read of the files (see the README's verify section)."""
+    p = Path(str(path)).expanduser()
+    if not (p.is_dir() and ((p / MANIFEST).exists() or (p / MANIFEST).is_symlink())):
+        return
+    bad = verify_hashes(p, read_manifest(p))
+    if bad:
+        raise CompressorError(f"artifact {p} does not match its manifest: {'; '.join(bad)} "
+                              "(pass --no-verify to load it anyway)")
 
 
 class ExpandedCheckpoint:
@@ -275,6 +293,15 @@ class ExpandedCheckpoint:
         """The tensors `base + suffix` that exist, keyed by suffix."""
         return {s: self.ckpt.get(base + s) for s in suffixes if base + s in self.ckpt}
 
+    def shape(self, key: str) -> list[int] | None:
+        """A stored tensor's shape from its file's header (nothing loaded); None for a tensor computed on read."""
+        if key in self.derived:
+            return None
+        from safetensors import safe_open
+
+        with safe_open(self.ckpt.files[key], framework="pt") as h:
+            return list(h.get_slice(key).get_shape())
+
 
 MASKED_QWEIGHT_TENSORS = (*QWeight.MASKED_SUFFIXES, "weight_scale", "weight_zero_point", "weight_shape")
 
@@ -284,14 +311,18 @@ def load_compressed(src: ModelSource, device: torch.device, dtype: torch.dtype) 
     weights); sparse-bitmask layers (sparsity_config) plain Linear with the dense weight rebuilt from the bitmask."""
     model = skeleton(src.path)
     ckpt = ExpandedCheckpoint(Checkpoint(src.path))
-    manifest = src.path / "compression.json"
-    layers = json.loads(manifest.read_text()).get("layers", {}) if manifest.is_file() else {}
+    layers = read_manifest(src.path).get("layers", {}) if (src.path / MANIFEST).is_file() else {}
+    modules = dict(model.named_modules())
     for name, v in layers.items():  # factorised layers (our extension): the two-Linear module
         if v.get("format") == LOWRANK:
-            lin = model.get_submodule(name)
+            lin, rank = modules.get(name), v.get("rank")
+            if not isinstance(lin, nn.Linear):
+                raise BadInput(f"{src.path}: {MANIFEST} has low-rank layer {name}, which is not a Linear of the model")
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+                raise BadInput(f"{src.path}: {MANIFEST}: low-rank layer {name} has rank {rank!r}, not a positive integer")
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child,
-                    LowRankLinear(lin.in_features, lin.out_features, int(v["rank"]), lin.bias is not None))
+                    LowRankLinear(lin.in_features, lin.out_features, rank, lin.bias is not None))
     linears = [(n, type(m).__name__) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     qc = src.config["quantization_config"]
     schemes = ct_layer_schemes(qc, linears)
@@ -317,22 +348,53 @@ def load_compressed(src: ModelSource, device: torch.device, dtype: torch.dtype) 
         mask_key = checkpoint_key(model, ckpt.ckpt, f"{name}.weight_bitmask")
         if mask_key is not None:  # pruned + quantized (our extension): the dense codes, zero code where pruned
             base = mask_key[: -len("weight_bitmask")]
-            ckpt.derived[base + "weight_packed"] = lambda base=base, bits=bits, g=g: pack_int32(
-                qweight_from_tensors(ckpt.layer(base, MASKED_QWEIGHT_TENSORS), bits, g).q, bits)
+            ckpt.derived[base + "weight_packed"] = lambda base=base, bits=bits, g=g: _masked_codes(
+                ckpt, base, bits, g, src.path)
+    for name, v in layers.items():
+        if v.get("format") == LOWRANK:
+            check_layer_tensors(model, ckpt, name, f"low-rank of rank {v['rank']} in {MANIFEST}", src.path)
+    for name, (bits, g, sym) in schemes.items():
+        check_layer_tensors(model, ckpt, name, f"{bits}-bit {'per-channel' if g == -1 else f'group {g}'} "
+                            f"{'symmetric' if sym else 'asymmetric'} in config.json", src.path)
     materialize(model, "", ckpt, device, dtype)
     return model.to(device)
 
 
-def describe(path: str | Path) -> dict[str, Any]:
-    """`compress inspect`: the manifest of an artifact, its files and their check."""
-    from .artifact import read_manifest, verify_hashes
+def check_layer_tensors(model: nn.Module, ckpt: ExpandedCheckpoint, name: str, what: str, path: Path) -> None:
+    """Every tensor the module built for compressed layer `name` (QuantLinear, LowRankLinear) expects is stored, with
+    the shape it expects: an edited bit width, group size, symmetry or rank is a BadInput naming the layer, the
+    tensor and both shapes, before anything is loaded."""
+    module = model.get_submodule(name)
+    for tname, t in [*module.named_parameters(), *module.named_buffers()]:
+        full = f"{name}.{tname}"
+        key = checkpoint_key(model, ckpt, full)
+        if key is None:
+            raise BadInput(f"{path}: layer {name} ({what}) needs tensor {full}, which the checkpoint does not have")
+        stored = ckpt.shape(key)
+        if stored is not None and stored != list(t.shape):
+            raise BadInput(f"{path}: layer {name} ({what}): {full} should have shape {list(t.shape)}, "
+                           f"the checkpoint's has {stored}")
 
+
+def _masked_codes(ckpt: ExpandedCheckpoint, base: str, bits: int, g: int, path: Path) -> torch.Tensor:
+    """The dense `weight_packed` of a pruned + quantized layer (its kept codes put back, the grid's zero elsewhere);
+    kept codes that do not fit the bit width are a BadInput."""
+    try:
+        return pack_int32(qweight_from_tensors(ckpt.layer(base, MASKED_QWEIGHT_TENSORS), bits, g).q, bits)
+    except ValueError as e:
+        raise BadInput(f"{path}: layer {base.rstrip('.')}: {e}") from None
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """`compress inspect`: the manifest of an artifact, the sha256 of compression.json itself (`manifest_sha256`,
+    checked against the sidecar compression.json.sha256), its files and their check (verify_hashes)."""
     path = Path(path)
     if not path.is_dir():
         raise BadInput(f"{path} is not a directory")
     manifest = read_manifest(path)
+    digest, _ = manifest_check(path)
     bad = verify_hashes(path, manifest)
-    return {**manifest, "path": str(path), "hashes_ok": not bad, "hash_mismatches": bad}
+    return {**manifest, "path": str(path), "manifest_sha256": digest, "hashes_ok": not bad, "hash_mismatches": bad}
 
 
 def evaluate(*args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -341,49 +403,67 @@ def evaluate(*args: Any, **kwargs: Any) -> dict[str, Any]:
     return _evaluate(*args, **kwargs)
 
 
+VERIFY_PROMPT = "It is a truth universally acknowledged"
+# verify --transformers: the max abs difference of transformers' logits to ours on VERIFY_PROMPT, as a fraction of our
+# largest |logit|. Dequantizing at load, compressed-tensors rounds the weights to float16 (2^-11 relative; measured on
+# the demo at W4 per channel, asymmetric: max abs difference 0.015 on the prompt, 0.11 on 48 random tokens, about
+# 0.4% of the largest logit); a weight left unloaded or misread moves logits by whole units.
+TRANSFORMERS_RTOL = 0.01
+
+
 def verify(path: str | Path, data: list[str | Path] | None = None, max_ppl: float | None = None,
            max_kl: float | None = None, min_cos: float | None = None, base: str | None = None,
            max_tokens: int = 16384, seq_len: int = 512, device: str = "auto",
-           on_window: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """`compress verify`: every sha256 in compression.json, a load and a forward pass, and with a bound the
-    quality on `data` (default: the embedded corpus) against it. `passed` is False when any check fails."""
+           on_window: Callable[[int, int], None] | None = None, transformers: bool = False) -> dict[str, Any]:
+    """`compress verify`: compression.json against the digest its writer sealed it with (row `manifest`, the
+    digest printed), every file of the artifact listed there with its sha256 and nothing else in the directory
+    (`sha256`), a load and a forward pass, with `transformers` the same logits from transformers' own loader, and
+    with a bound the quality on `data` (default: the embedded corpus) against the base model: `base`, else the
+    source recorded at compress time while it is there unchanged (recorded_base). `passed` is False when any check
+    fails.
+
+    The digests catch accidents and edits that leave them alone; whoever can write the files can also rewrite
+    every digest beside them, so a CI job that must trust an artifact pins the manifest sha256 this prints."""
     from .data import DEFAULT_CORPUS
     from .models import is_causal_lm
 
     info = describe(path)  # BadInput when it is not an artifact
     bounds = {k: v for k, v in (("perplexity", max_ppl), ("kl_to_base", max_kl), ("cosine_similarity", min_cos))
               if v is not None}
-    checks: list[dict[str, Any]] = [{"check": "sha256", "ok": info["hashes_ok"],
-                                     "detail": ", ".join(info["hash_mismatches"]) or f"{len(info['files'])} files"}]
-    result: dict[str, Any] = {"artifact": str(path), "checks": checks}
+    digest, problem = manifest_check(Path(path))
+    bad_files = [b for b in info["hash_mismatches"] if b != problem]
+    checks: list[dict[str, Any]] = [
+        {"check": "manifest", "ok": problem is None, "detail": problem or f"{MANIFEST} sha256 {digest}"},
+        {"check": "sha256", "ok": not bad_files, "detail": "; ".join(bad_files) or f"{len(info['files'])} files"}]
+    result: dict[str, Any] = {"artifact": str(path), "manifest_sha256": digest, "checks": checks}
     if not info["hashes_ok"]:  # a corrupt artifact is not loaded
         return {**result, "passed": False}
-    model = load(path, device)
+    model = load(path, device, verify=False)  # just checked
     dev = next(model.parameters()).device
-    ids = load_tokenizer(Path(path))("It is a truth universally acknowledged", return_tensors="pt")["input_ids"].to(dev)
+    ids = load_tokenizer(Path(path))(VERIFY_PROMPT, return_tensors="pt")["input_ids"].to(dev)
     with torch.no_grad():
         o = model(input_ids=ids)
-    y = o.logits if is_causal_lm(model) else o.last_hidden_state
-    checks.append({"check": "forward", "ok": bool(torch.isfinite(y).all()), "detail": f"output {tuple(y.shape)}"})
-    if bounds and checks[-1]["ok"]:
-        decoder = is_causal_lm(model)
-        del model
+    decoder = is_causal_lm(model)
+    y = o.logits if decoder else o.last_hidden_state
+    del model, o
+    forward = {"check": "forward", "ok": bool(torch.isfinite(y).all()), "detail": f"output {tuple(y.shape)}"}
+    checks.append(forward)
+    if transformers:
+        checks.append(transformers_check(Path(path), info, ids, y))
+    if bounds and forward["ok"]:
         for metric in bounds:
             if decoder != (metric != "cosine_similarity"):
                 flag = {"perplexity": "--max-ppl", "kl_to_base": "--max-kl", "cosine_similarity": "--min-cos"}[metric]
                 raise BadInput(f"{flag} does not apply to {'a decoder' if decoder else 'an encoder'}")
         needs_base = "kl_to_base" in bounds or "cosine_similarity" in bounds
         if needs_base and base is None:
-            base = info.get("source", {}).get("ref")
-            try:
-                resolve_model(str(base))
-            except BadInput:
-                raise BadInput(f"the artifact's source model {base!r} is not here: pass --base MODEL") from None
+            base = recorded_base(info.get("source") or {})
         files = list(data) if data else list(DEFAULT_CORPUS)
         res = evaluate(str(path), files, max_tokens, seq_len, base if needs_base else None, device,
                        on_window=on_window)
         result["quality"] = {k: res[k] for k in ("perplexity", "kl_to_base", "cosine_similarity", "tokens") if k in res}
         result["data"] = [str(f) for f in files]
+        result["base"] = base if needs_base else None
         for metric, bound in bounds.items():
             v = res[metric]
             ok = v >= bound if metric == "cosine_similarity" else v <= bound
@@ -391,6 +471,98 @@ def verify(path: str | Path, data: list[str | Path] | None = None, max_ppl: floa
             checks.append({"check": metric, "ok": ok, "value": v, "bound": bound,
                            "detail": f"{metric} {v:.6g} {rel} {bound:g}"})
     return {**result, "passed": all(c["ok"] for c in checks)}
+
+
+def transformers_check(path: Path, info: dict[str, Any], ids: torch.Tensor, ours: torch.Tensor) -> dict[str, Any]:
+    """verify's `transformers` row: the artifact opened by transformers' own loader gives, on the same prompt, our
+    loader's logits (encoders: last hidden states) to TRANSFORMERS_RTOL of their largest magnitude, with no weight
+    left missing. compressed-tensors dequantizes at load when a layer is asymmetric (transformers cannot run those
+    packed); artifacts with our extensions fail it (transformers does not know them)."""
+    from transformers import AutoConfig, CompressedTensorsConfig
+
+    from .models import is_causal_lm, model_class
+
+    if info.get("extensions"):
+        return {"check": "transformers", "ok": False,
+                "detail": f"uses our extensions ({', '.join(info['extensions'])}), which transformers does not open"}
+    qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    asym = any((g.get("weights") or {}).get("symmetric") is False for g in (qc.get("config_groups") or {}).values())
+    kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if asym else {}
+    try:
+        cls = model_class(AutoConfig.from_pretrained(path, trust_remote_code=False))
+        model, loading = cls.from_pretrained(path, dtype=torch.float32, trust_remote_code=False,
+                                             output_loading_info=True, **kwargs)
+    except Exception as e:  # any failure of transformers' loader is this check failing, not verify crashing
+        return {"check": "transformers", "ok": False,
+                "detail": f"transformers cannot load it: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
+    missing = sorted({*loading.get("missing_keys", []), *(k for k, *_ in loading.get("mismatched_keys", []))})
+    if missing:
+        return {"check": "transformers", "ok": False,
+                "detail": f"transformers leaves {len(missing)} weights unloaded ({', '.join(missing[:3])}"
+                          f"{', ...' if len(missing) > 3 else ''})"}
+    with torch.no_grad():
+        o = model.to(ours.device).eval()(input_ids=ids)
+    theirs = o.logits if is_causal_lm(model) else o.last_hidden_state
+    diff = float((theirs.float() - ours.float()).abs().max())
+    bound = TRANSFORMERS_RTOL * float(ours.float().abs().max())
+    how = "dequantized at load" if asym else "packed"
+    return {"check": "transformers", "ok": diff <= bound, "value": diff, "bound": bound,
+            "detail": f"{how}: max abs difference to our loader {diff:.3g} {'<=' if diff <= bound else '>'} {bound:.3g} "
+                      f"({TRANSFORMERS_RTOL:g} of the largest)"}
+
+
+def source_files(path: Path) -> list[Path]:
+    """The files a load of a model reference reads its weights from: a .gguf file itself; in a directory config.json
+    and the *.safetensors files (or, without any, the pickle checkpoints)."""
+    from .models import PICKLE_SUFFIXES, safetensors_files
+
+    if path.is_file():
+        return [path]
+    weights = safetensors_files(path) or sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    return [f for f in [path / "config.json", *weights] if f.is_file()]
+
+
+def source_record(ref: str, src: ModelSource) -> dict[str, Any]:
+    """compression.json's `source`: the reference as given and its kind; for a local one the absolute path it
+    resolved to, and (but for `demo`, found the same anywhere) the sha256 of the files it was read from
+    (source_files), so that verify compares against this model from any directory and only while it is unchanged."""
+    out: dict[str, Any] = {"ref": ref, "kind": src.kind}
+    if src.kind == "demo":
+        return out
+    where = src.path if src.kind == "hub" else Path(ref).expanduser().resolve()
+    if src.kind != "hub":
+        out["path"] = str(where)
+    out["sha256"] = file_hashes(source_files(where))
+    return out
+
+
+def recorded_base(source: dict[str, Any]) -> str:
+    """The base model verify compares against without --base: the artifact's source, as recorded (source_record).
+    A BadInput naming it when it is not there, or not the model the artifact was made from (its files' sha256
+    differ); an artifact that recorded only a relative path (written before the path was recorded) is refused, as
+    the directory it was relative to is not known."""
+    ref, kind = source.get("ref"), source.get("kind")
+    if kind == "demo" or not ref:
+        return ref or "demo"
+    if kind == "hub":
+        where = resolve_model(ref).path
+    elif "path" in source:
+        where = Path(source["path"])
+    elif Path(ref).expanduser().is_absolute():
+        where = Path(ref).expanduser()
+    else:
+        raise BadInput(f"the artifact records its source model only as {ref!r}, relative to a directory it does not "
+                       "name (written before the resolved path was recorded): pass --base MODEL")
+    if kind != "hub" and not where.exists():
+        raise BadInput(f"the artifact's source model {where} (given as {ref!r}) is not there: pass --base MODEL")
+    recorded = source.get("sha256")
+    if isinstance(recorded, dict):
+        now = file_hashes(source_files(where))
+        changed = sorted(n for n in {*now, *recorded} if now.get(n) != recorded.get(n))
+        if changed:
+            raise BadInput(f"the artifact's source model {where} is not the one it was made from ({', '.join(changed)} "
+                           "changed since): pass --base MODEL")
+    return ref if kind == "hub" else str(where)
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -406,10 +578,12 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def generate(target: str, prompt: str, max_new_tokens: int = 64, device: str = "auto", dtype: str = "auto",
-             ignore_eos: bool = False, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
+             ignore_eos: bool = False, allow_pickle: bool = False, trust_remote_code: bool = False,
+             verify: bool = True) -> dict[str, Any]:
     """`compress generate`: greedy continuation of `prompt` by a decoder (artifact or any model reference), with
     the decoding speed. On a GPU an artifact's QuantLinear layers run the CUDA kernels (batch 1: the fused
-    dequant-matmul); on the CPU the weights are dequantized once (the same numbers, faster than per token)."""
+    dequant-matmul); on the CPU the weights are dequantized once (the same numbers, faster than per token). An
+    artifact is checked against its manifest first (check_artifact) unless not `verify`."""
     from . import ops
     from .models import is_causal_lm
     from .modules import dequantize_model
@@ -421,7 +595,7 @@ def generate(target: str, prompt: str, max_new_tokens: int = 64, device: str = "
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     src = resolve_model(str(target), allow_pickle, trust_remote_code)
-    model = load(target, str(dev), dt, allow_pickle, trust_remote_code)
+    model = load(target, str(dev), dt, allow_pickle, trust_remote_code, verify)
     if not is_causal_lm(model):
         raise BadInput(f"{target} is not a decoder (causal LM): generate needs one")
     if dev.type == "cpu":

@@ -257,28 +257,90 @@ def join_safetensors(parts: list[Path], out_dir: Path, shard_bytes: int = SHARD_
     return files
 
 
+MANIFEST = "compression.json"
+MANIFEST_DIGEST = "compression.json.sha256"  # sidecar: the manifest's own sha256, in `sha256sum` format, written last
+
+
 def file_hashes(files: list[Path]) -> dict[str, str]:
     return {f.name: sha256_file(f) for f in sorted(files)}
 
 
+def manifest_digest_line(digest: str) -> str:
+    """The sidecar's text: `sha256sum -c compression.json.sha256` checks it in the artifact directory."""
+    return f"{digest}  {MANIFEST}\n"
+
+
 def read_manifest(path: Path) -> dict:
-    """compression.json of an artifact (BadInput if it is missing or unreadable)."""
-    f = Path(path) / "compression.json"
-    if not f.is_file():
-        raise BadInput(f"{path} is not a compressor artifact (no compression.json)")
+    """compression.json of an artifact (BadInput if it is missing, unreadable or not a manifest's shape)."""
+    f = Path(path) / MANIFEST
+    if f.is_symlink() or not f.is_file():
+        raise BadInput(f"{path} is not a compressor artifact (no {MANIFEST}" + (" file: it is a symlink)" if f.is_symlink() else ")"))
     try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadInput(f"{f} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise BadInput(f"{f} is not a manifest: expected a JSON object, got {type(manifest).__name__}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise BadInput(f"{f}: `files` is not a mapping of file names to sha256 digests")
+    layers = manifest.get("layers", {})
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+        raise BadInput(f"{f}: `layers` is not a mapping of layer names to entries")
+    return manifest
+
+
+def manifest_check(path: Path) -> tuple[str, str | None]:
+    """(sha256 of compression.json, the problem or None): the digest must equal the one in the sidecar
+    compression.json.sha256. An artifact without the sidecar (written before it existed, or with it removed)
+    is refused: its manifest cannot be told from an edited one."""
+    path = Path(path)
+    digest = sha256_file(path / MANIFEST)
+    side = path / MANIFEST_DIGEST
+    if side.is_symlink() or not side.is_file():
+        return digest, (f"{MANIFEST_DIGEST} is missing, so {MANIFEST} cannot be checked (an artifact written before "
+                        "compressor recorded it: compress it again)" if not side.is_symlink()
+                        else f"{MANIFEST_DIGEST} is a symlink, not a file of the artifact")
+    recorded = side.read_bytes().split(maxsplit=1)[:1]
+    if recorded != [digest.encode()]:
+        return digest, f"{MANIFEST} was changed after it was written (its sha256 {digest} is not the one in {MANIFEST_DIGEST})"
+    return digest, None
+
+
+def bad_file_name(name: str) -> bool:
+    """A `files` entry that is not a plain file name inside the artifact directory."""
+    return (not name or ".." in name or "/" in name or "\\" in name or "\0" in name or os.sep in name
+            or Path(name).is_absolute())
 
 
 def verify_hashes(path: Path, manifest: dict) -> list[str]:
-    """Names of files whose sha256 differs from the manifest's (missing files count as differing)."""
-    bad = []
-    for name, digest in manifest.get("files", {}).items():
-        f = Path(path) / name
-        if not f.is_file() or sha256_file(f) != digest:
-            bad.append(name)
+    """The artifact's problems, one line each ([] when it is intact): the manifest's own digest (manifest_check);
+    every name in `files` a plain name, a regular file of the directory (no symlink) with that sha256; every entry of
+    the directory listed (all the loaders read is then hashed), compression.json and its sidecar aside; config.json
+    listed. A missing or extra file, a symlink, a name reaching outside: each is a mismatch."""
+    path = Path(path)
+    _, problem = manifest_check(path)
+    bad = [problem] if problem else []
+    files = manifest.get("files", {})
+    for name, digest in sorted(files.items()):
+        f = path / name
+        if bad_file_name(name):  # with no separator and no symlink, nothing outside the directory is read
+            bad.append(f"{name!r}: not a file name inside the artifact")
+        elif f.is_symlink():
+            bad.append(f"{name}: a symlink (the files of an artifact are regular files)")
+        elif not f.exists():
+            bad.append(f"{name}: missing")
+        elif not f.is_file():
+            bad.append(f"{name}: not a regular file")
+        elif sha256_file(f) != digest:
+            bad.append(f"{name}: sha256 differs")
+    for f in sorted(path.iterdir()):
+        if f.name in (MANIFEST, MANIFEST_DIGEST) or f.name in files:
+            continue
+        kind = "symlink" if f.is_symlink() else "file" if f.is_file() else "directory" if f.is_dir() else "entry"
+        bad.append(f"{f.name}: a {kind} not listed in {MANIFEST}")
+    if "config.json" not in files:
+        bad.append(f"config.json: not listed in {MANIFEST}")
     return bad
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
 import sys
@@ -16,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from . import safejson
 from .errors import BadInput, CompressorError
@@ -36,6 +35,10 @@ CALIB = typer.Option(None, "--calib", help="calibration text: .txt or .jsonl (te
 SAMPLES = typer.Option(None, "--samples", help="calibration windows (overrides the recipe)")
 SEQ_LEN = typer.Option(None, "--seq-len", help="calibration tokens per window (overrides the recipe)")
 SEED = typer.Option(None, "--seed", help="sampling seed (overrides the recipe)")
+NO_VERIFY = typer.Option(False, "--no-verify", help="load an artifact without checking its files against "
+                         "compression.json")
+EVAL_TOKENS_HELP = "evaluate on the first N tokens of --data"
+EVAL_SEQ_LEN_HELP = "tokens per evaluation window (non-overlapping windows; at most the model's positions)"
 
 
 @contextmanager
@@ -149,12 +152,13 @@ def model_cmd(
 def eval_cmd(
     target: str = typer.Argument(..., help="artifact directory or any model reference"),
     data: list[Path] = typer.Option(..., "--data", help=".txt or .jsonl; repeatable"),
-    max_tokens: int = typer.Option(16384, "--max-tokens"),
-    seq_len: int = typer.Option(512, "--seq-len"),
+    max_tokens: int = typer.Option(16384, "--max-tokens", help=EVAL_TOKENS_HELP),
+    seq_len: int = typer.Option(512, "--seq-len", help=EVAL_SEQ_LEN_HELP),
     base: Optional[str] = typer.Option(None, "--base", help="base model: adds KL (decoders) / similarity (encoders)"),
     device: str = DEVICE,
     allow_pickle: bool = ALLOW_PICKLE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
+    no_verify: bool = NO_VERIFY,
     as_json: bool = JSON,
     quiet: bool = QUIET,
 ) -> None:
@@ -165,7 +169,7 @@ def eval_cmd(
     with _guard():
         with _window_progress() as on_window:
             res = evaluate(target, data, max_tokens, seq_len, base, device, allow_pickle, trust_remote_code,
-                           on_window=on_window)
+                           on_window=on_window, verify=not no_verify)
         _emit(res, as_json, f"eval {target}")
 
 
@@ -181,7 +185,8 @@ def inspect_cmd(path: Path = typer.Argument(..., help="artifact directory"), as_
         if as_json:
             sys.stdout.write(safejson.dumps(info) + "\n")
         else:
-            _emit({k: v for k, v in info.items() if k not in ("files", "layers")}, False, str(path))
+            _emit({k: v for k, v in info.items() if k not in ("files", "layers", "manifest_sha256")}, False, str(path))
+            err.print(f"compression.json sha256 {info['manifest_sha256']}", highlight=False, soft_wrap=True)
             pruned = any("sparsity" in v for v in info["layers"].values())
             t = Table("layer", "pass", "bits", "group", "sym", "shape", *(["sparsity"] if pruned else []), "bpw",
                       "rel. err")
@@ -194,7 +199,7 @@ def inspect_cmd(path: Path = typer.Argument(..., help="artifact directory"), as_
                           f"{v['weight_rel_err']:.4f}")
             err.print(t)
         if not info["hashes_ok"]:
-            errors.print(f"[bold red]sha256 mismatch:[/] {', '.join(info['hash_mismatches'])}")
+            errors.print(f"[bold red]sha256 mismatch:[/] {escape('; '.join(info['hash_mismatches']))}", highlight=False)
             raise typer.Exit(1)
 
 
@@ -318,23 +323,26 @@ def verify_cmd(
                                                "embedded corpus); repeatable"),
     base: Optional[str] = typer.Option(None, "--base", help="base model for --max-kl/--min-cos (default: the "
                                        "artifact's source)"),
-    max_tokens: int = typer.Option(16384, "--max-tokens"),
-    seq_len: int = typer.Option(512, "--seq-len"),
+    max_tokens: int = typer.Option(16384, "--max-tokens", help=EVAL_TOKENS_HELP + " (for a quality bound)"),
+    seq_len: int = typer.Option(512, "--seq-len", help=EVAL_SEQ_LEN_HELP),
+    transformers: bool = typer.Option(False, "--transformers", help="also load it with transformers and compare "
+                                      "its logits on a fixed prompt to ours"),
     device: str = DEVICE,
     as_json: bool = JSON,
     quiet: bool = QUIET,
 ) -> None:
-    """Check an artifact: file hashes, load, forward pass, and optionally a quality bound (exit 1 when it fails)."""
+    """Check an artifact: its manifest's sha256 (printed: pin it in CI) and every file's, load, forward pass, and
+    optionally transformers loading and a quality bound (exit 1 when a check fails)."""
     from .api import verify
 
     _quiet(quiet)
     with _guard():
         with _window_progress() as on_window:
             res = verify(artifact, data, max_ppl, max_kl, min_cos, base, max_tokens, seq_len, device,
-                         on_window=on_window)
+                         on_window=on_window, transformers=transformers)
         if as_json:
             sys.stdout.write(safejson.dumps(res) + "\n")
-        t = Table("check", "result", "detail", title=f"verify {artifact}")
+        t = Table("check", "result", Column("detail", overflow="fold"), title=f"verify {artifact}")
         for c in res["checks"]:
             t.add_row(c["check"], "[green]ok[/]" if c["ok"] else "[bold red]FAILED[/]", c["detail"])
         err.print(t)
@@ -354,6 +362,7 @@ def generate_cmd(
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="always generate --max-new-tokens (timing)"),
     allow_pickle: bool = ALLOW_PICKLE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
+    no_verify: bool = NO_VERIFY,
     as_json: bool = JSON,
     quiet: bool = QUIET,
 ) -> None:
@@ -362,7 +371,8 @@ def generate_cmd(
 
     _quiet(quiet)
     with _guard():
-        res = generate(target, prompt, max_new_tokens, device, dtype, ignore_eos, allow_pickle, trust_remote_code)
+        res = generate(target, prompt, max_new_tokens, device, dtype, ignore_eos, allow_pickle, trust_remote_code,
+                       not no_verify)
         if as_json:
             sys.stdout.write(safejson.dumps(res) + "\n")
             return
@@ -438,7 +448,7 @@ def sensitivity_cmd(
         res = sensitivity(model, recipe, calib, samples, seq_len, seed, ns, device,
                           log=lambda m: err.print(m, highlight=False))
         if out is not None:
-            _write_atomic(out, lambda p: p.write_text(json.dumps(res, indent=2) + "\n"))
+            _write_atomic(out, lambda p: p.write_text(safejson.dumps(res, indent=2) + "\n"))
         if as_json:
             sys.stdout.write(safejson.dumps(res) + "\n")
             return
@@ -474,7 +484,7 @@ def utilization_cmd(
         if plot is not None:
             _write_atomic(plot, lambda p: utilization_plot(res, p))
         if out is not None:
-            _write_atomic(out, lambda p: p.write_text(json.dumps(res, indent=2) + "\n"))
+            _write_atomic(out, lambda p: p.write_text(safejson.dumps(res, indent=2) + "\n"))
         if as_json:
             sys.stdout.write(safejson.dumps(res) + "\n")
             return

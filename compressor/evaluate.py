@@ -67,8 +67,10 @@ def embedding_similarity(model: nn.Module, base: nn.Module, windows: torch.Tenso
 
 def evaluate(target: str, data: list[str | Path], max_tokens: int = 16384, seq_len: int = 512,
              base: str | None = None, device: str = "auto", allow_pickle: bool = False,
-             trust_remote_code: bool = False, on_window: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Perplexity (and KL to `base`) of a decoder, or embedding similarity to `base` of an encoder."""
+             trust_remote_code: bool = False, on_window: Callable[[int, int], None] | None = None,
+             verify: bool = True) -> dict[str, Any]:
+    """Perplexity (and KL to `base`) of a decoder, or embedding similarity to `base` of an encoder. An artifact
+    (target or base) is checked against its manifest before it is loaded (api.check_artifact) unless not `verify`."""
     from .api import load, load_tokenizer, pick_device
 
     t0 = time.perf_counter()
@@ -79,10 +81,11 @@ def evaluate(target: str, data: list[str | Path], max_tokens: int = 16384, seq_l
     texts = read_texts([Path(d) for d in data])  # bad data files fail before any model is loaded
     dev = pick_device(device)
     src = resolve_model(str(target), allow_pickle, trust_remote_code)
-    model = load(target, str(dev), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    model = load(target, str(dev), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, verify=verify)
     if dev.type == "cpu":
         dequantize_model(model)  # same numbers as QuantLinear's reference path, dequantized once
-    base_model = load(base, str(dev), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code) if base else None
+    base_model = (load(base, str(dev), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, verify=verify)
+                  if base else None)
     tokens = tokenize(load_tokenizer(src.path, trust_remote_code), texts)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and seq_len > limit:

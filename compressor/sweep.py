@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import yaml
 
-from . import __version__
+from . import __version__, safejson
 from .data import DEFAULT_CORPUS, read_texts, sha256_file
 from .errors import BadInput, CompressorError
 from .models import find_blocks, model_class, resolve_model, safetensors_files, skeleton
@@ -41,7 +41,7 @@ Event = Callable[[str, dict[str, Any]], None]
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(safejson.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
 
