@@ -289,19 +289,20 @@ def _(e: Env, d: Path):
 
 
 # ================================================================================= security
-def remote(marker: Path) -> str:
-    """A module that leaves `marker` when it runs (transformers copies it into its modules cache first)."""
-    return f"import pathlib; pathlib.Path({str(marker)!r}).write_text('remote code ran')\n" + \
-        "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n"
+def plant_remote_code(model: Path, marker: Path) -> None:
+    """A tokenizer class of the model's own (auto_map in tokenizer_config.json) whose module leaves `marker` when it
+    runs (transformers copies it into its modules cache first, so the marker's path is absolute)."""
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg.update(auto_map={"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}, tokenizer_class="EvilTokenizer")
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (model / "evil.py").write_text(f"import pathlib; pathlib.Path({str(marker)!r}).write_text('remote code ran')\n"
+                                   "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
 
 
 @case("auto-map-tokenizer", "tokenizer_config.json auto_map without --trust-remote-code (compress --json, no stdin)")
 def _(e: Env, d: Path):
     m = e.tiny(d / "m")
-    cfg = json.loads((m / "tokenizer_config.json").read_text())
-    cfg.update(auto_map={"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}, tokenizer_class="EvilTokenizer")
-    (m / "tokenizer_config.json").write_text(json.dumps(cfg))
-    (m / "evil.py").write_text(remote(d / "RAN"))
+    plant_remote_code(m, d / "RAN")
     r = e.run(["model", "./m", "--recipe", "w4-rtn", "--out", "./out", *FAST, "--calib", str(CALIB), "--json"], d)
     return "tokenizer_config.json auto_map -> evil.py; compress model ./m --json < /dev/null", outcome(
         r, code="ran" if (d / "RAN").exists() else "did not run", out=tree(d / "out"))
@@ -310,20 +311,21 @@ def _(e: Env, d: Path):
 @case("auto-map-artifact-eval", "an artifact's tokenizer_config.json with auto_map, then eval (answer y)")
 def _(e: Env, d: Path):
     art = e.artifact(d / "art")
-    cfg = json.loads((art / "tokenizer_config.json").read_text())
-    cfg.update(auto_map={"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}, tokenizer_class="EvilTokenizer")
-    (art / "tokenizer_config.json").write_text(json.dumps(cfg))
-    (art / "evil.py").write_text(remote(d / "RAN"))
+    plant_remote_code(art, d / "RAN")
     r = e.run(["eval", "./art", "--data", str(EVAL), "--max-tokens", "256", "--seq-len", "128", "--json"], d, stdin="y\n")
     return "artifact tokenizer_config.json auto_map; echo y | compress eval ./art --json", outcome(
         r, code="ran" if (d / "RAN").exists() else "did not run")
 
 
-def _flip_weights_and_drop(art: Path) -> None:
+def _verify_edited(e: Env, d: Path, edit: Callable[[dict], None], flip: bool = False) -> dict:
+    """`compress verify --json` of a tiny artifact whose compression.json `edit` changed (and a weight byte flipped)."""
+    art = e.artifact(d / "art")
     man = json.loads((art / "compression.json").read_text())
-    del man["files"]["model.safetensors"]
+    edit(man)
     (art / "compression.json").write_text(json.dumps(man, indent=2))
-    _flip(art / "model.safetensors")
+    if flip:
+        _flip(art / "model.safetensors")
+    return outcome(e.run(["verify", "./art", "--json"], d))
 
 
 def _flip(f: Path, at: float = 0.5) -> None:
@@ -335,32 +337,23 @@ def _flip(f: Path, at: float = 0.5) -> None:
 
 @case("verify-unlisted-weights", "verify: manifest drops model.safetensors from files, weights flipped")
 def _(e: Env, d: Path):
-    art = e.artifact(d / "art")
-    _flip_weights_and_drop(art)
-    r = e.run(["verify", "./art", "--json"], d)
-    return "drop model.safetensors from compression.json files, flip a byte; compress verify ./art", outcome(r)
+    return "drop model.safetensors from compression.json files, flip a byte; compress verify ./art", _verify_edited(
+        e, d, lambda m: m["files"].pop("model.safetensors"), flip=True)
 
 
 @case("verify-path-escape", "verify: a files entry ../../etc/passwd with its real digest")
 def _(e: Env, d: Path):
     import hashlib
 
-    art = e.artifact(d / "art")
-    man = json.loads((art / "compression.json").read_text())
-    man["files"]["../../../../../../etc/passwd"] = hashlib.sha256(Path("/etc/passwd").read_bytes()).hexdigest()
-    (art / "compression.json").write_text(json.dumps(man, indent=2))
-    r = e.run(["verify", "./art", "--json"], d)
-    return "add '../../etc/passwd': its sha256 to files; compress verify ./art", outcome(r)
+    digest = hashlib.sha256(Path("/etc/passwd").read_bytes()).hexdigest()
+    return "add '../../etc/passwd': its sha256 to files; compress verify ./art", _verify_edited(
+        e, d, lambda m: m["files"].update({"../../../../../../etc/passwd": digest}))
 
 
 @case("verify-manifest-edit", "verify: compression.json edited (bits_per_weight 4.2 -> 2.0)")
 def _(e: Env, d: Path):
-    art = e.artifact(d / "art")
-    man = json.loads((art / "compression.json").read_text())
-    man["bits_per_weight"] = 2.0
-    (art / "compression.json").write_text(json.dumps(man, indent=2))
-    r = e.run(["verify", "./art", "--json"], d)
-    return "edit bits_per_weight in compression.json; compress verify ./art", outcome(r)
+    return "edit bits_per_weight in compression.json; compress verify ./art", _verify_edited(
+        e, d, lambda m: m.update(bits_per_weight=2.0))
 
 
 @case("symlink-in-source", "a source model's merges.txt -> /etc/passwd")

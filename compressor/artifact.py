@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from . import safejson
 from .data import sha256_file
 from .errors import BadInput, CompressorError
+from .models import read_json_object
 
 SHARD_BYTES = 5 * 1024**3
 FORMAT_VERSION = 1
@@ -275,12 +276,7 @@ def read_manifest(path: Path) -> dict:
     f = Path(path) / MANIFEST
     if f.is_symlink() or not f.is_file():
         raise BadInput(f"{path} is not a compressor artifact (no {MANIFEST}" + (" file: it is a symlink)" if f.is_symlink() else ")"))
-    try:
-        manifest = json.loads(f.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadInput(f"{f} is not valid JSON: {e}") from None
-    if not isinstance(manifest, dict):
-        raise BadInput(f"{f} is not a manifest: expected a JSON object, got {type(manifest).__name__}")
+    manifest = read_json_object(f)
     files = manifest.get("files")
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
         raise BadInput(f"{f}: `files` is not a mapping of file names to sha256 digests")
