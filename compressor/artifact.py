@@ -94,8 +94,8 @@ def _pid_alive(pid: int) -> bool:
 
 def clean_stale(out: Path) -> None:
     """Remove `.NAME.tmp-PID` / `.NAME.old-PID` siblings of `out` whose PID is not a live process (a killed run:
-    SIGKILL cleans nothing up); a run in progress keeps its own. An `.old` one holds the previous output of a run
-    killed between its two renames: with the output missing it is put back, else removed."""
+    SIGKILL cleans nothing up); a run in progress keeps its own. An `.old` one that is an artifact of ours holds the
+    previous output of a run killed between its two renames: with the output missing it is put back, else removed."""
     out = Path(out)
     if not out.parent.is_dir():
         return
@@ -104,7 +104,7 @@ def clean_stale(out: Path) -> None:
         m = pattern.fullmatch(p.name)
         if not m or int(m.group(2)) == os.getpid() or _pid_alive(int(m.group(2))):
             continue
-        if m.group(1) == "old" and not os.path.lexists(out) and p.is_dir() and not p.is_symlink():
+        if m.group(1) == "old" and not os.path.lexists(out) and not p.is_symlink() and is_artifact(p):
             p.rename(out)
         elif p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)

@@ -184,6 +184,16 @@ def test_orphaned_old_output_is_put_back(tmp_path, tiny_llama, artifact):
     assert snapshot(out) == before and leftovers(out) == []
 
 
+def test_orphaned_old_that_is_no_artifact_is_removed(tmp_path, tiny_llama, small_calib):
+    """A dead run's `.out.old-PID` that is not one of our artifacts is not put back as the output: it is removed and
+    the run writes its artifact."""
+    out = tmp_path / "out"
+    (tmp_path / f".out.old-{dead_pid()}").mkdir()
+    r = compress_tiny(tiny_llama, out, "--calib", str(small_calib))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "compression.json").is_file() and leftovers(out) == []
+
+
 # ---------------------------------------------------------------------------------------------- unwritable outputs
 
 def test_out_under_proc_or_a_file_is_refused_before_work(tmp_path, tiny_llama):
