@@ -699,8 +699,8 @@ def main() -> None:
 
 def _commit(repo: Path) -> str:
     r = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no", "--", ".",
+                            ":!bench/results"], capture_output=True, text=True).stdout.strip()  # our own results aside
     return r.stdout.strip() + ("+changes" if dirty else "")
 
 
