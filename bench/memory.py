@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from compressor.models import cache_dir, resolve_model
+    from compressor.files import cache_dir
+    from compressor.models import resolve_model
 
     shallow = resolve_model(args.model)
     deep_dir = args.deep_dir or cache_dir() / "bench" / f"smol-{args.factor}x-layers"

@@ -14,7 +14,8 @@ from . import __version__
 from .artifact import (ArtifactWriter, FORMAT_VERSION, MASKED_QUANT, SPARSE_BITMASK, check_output,
                        ct_layer_schemes, ct_quantization_config, ct_sparse_layers, file_hashes)
 from .artifact import MANIFEST, MANIFEST_DIGEST, manifest_check, manifest_digest_line, read_manifest, verify_hashes
-from .data import check_window_request, load_windows, sha256_file
+from .data import check_window_request, load_windows
+from .files import sha256_file
 from .errors import BadInput, CompressorError
 from .models import (Checkpoint, ModelSource, checkpoint_key, copied_files, find_blocks, load_dense, materialize,
                      resolve_model, skeleton)

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import safejson
-from .data import sha256_file
+from .files import sha256_file
 from .errors import BadInput, CompressorError
 from .models import read_json_object
 

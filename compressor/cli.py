@@ -19,6 +19,7 @@ from rich.table import Column, Table
 
 from . import safejson
 from .errors import BadInput, CompressorError
+from .files import tmp_sibling, write_atomic, write_json_atomic
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Post-training compression of Hugging Face checkpoints into compressed-tensors artifacts.")
@@ -401,27 +402,12 @@ def _no_dirs(**files: Optional[Path]) -> None:
         if not f.parent.is_dir():
             raise BadInput(f"--{flag} {f}: directory {f.parent} " + ("is not a directory" if f.parent.exists()
                                                                      else "does not exist"))
-        probe = _tmp_sibling(f)
+        probe = tmp_sibling(f)
         try:
             probe.touch(exist_ok=False)
             probe.unlink()
         except OSError as e:
             raise BadInput(f"--{flag} {f}: cannot write in {f.parent} ({e.strerror})") from None
-
-
-def _tmp_sibling(path: Path) -> Path:
-    """This process's temporary file beside `path`, with the same suffix (plotting libraries go by it)."""
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """`write` a temporary file beside `path` (same suffix), then rename it over: no half-written output."""
-    tmp = _tmp_sibling(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @app.command("sensitivity")
@@ -448,7 +434,7 @@ def sensitivity_cmd(
         res = sensitivity(model, recipe, calib, samples, seq_len, seed, ns, device,
                           log=lambda m: err.print(m, highlight=False))
         if out is not None:
-            _write_atomic(out, lambda p: p.write_text(safejson.dumps(res, indent=2) + "\n"))
+            write_json_atomic(out, res, indent=2)
         if as_json:
             sys.stdout.write(safejson.dumps(res) + "\n")
             return
@@ -482,9 +468,9 @@ def utilization_cmd(
         _no_dirs(out=out, plot=plot)
         res = utilization(model, calib, samples, seq_len, seed, taus, device, log=lambda m: err.print(m, highlight=False))
         if plot is not None:
-            _write_atomic(plot, lambda p: utilization_plot(res, p))
+            write_atomic(plot, lambda p: utilization_plot(res, p))
         if out is not None:
-            _write_atomic(out, lambda p: p.write_text(safejson.dumps(res, indent=2) + "\n"))
+            write_json_atomic(out, res, indent=2)
         if as_json:
             sys.stdout.write(safejson.dumps(res) + "\n")
             return

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadInput
+from .files import sha256_file
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
 DEFAULT_CORPUS = (CORPUS_DIR / "emma.txt", CORPUS_DIR / "mansfieldpark.txt")
@@ -144,11 +145,3 @@ def load_windows(tokenizer, files, samples: int, seq_len: int, seed: int) -> tup
         "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
     }
     return windows, info
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import BadInput
+from .files import write_atomic
 
 State = tuple[int, ...]
 
@@ -168,10 +169,9 @@ def evolve(space: LevelSpace, fitness: Callable[[State, int, torch.Generator], f
                 "seconds": round(time.perf_counter() - t0, 2)}
         trace.generations.append(info)
         if checkpoint is not None:
-            tmp = checkpoint.with_name(checkpoint.name + ".tmp")
-            tmp.write_text(json.dumps({"start": list(start), "seed": seed, "parent": list(parent), "fitness": best_fit,
-                                       "rng": rng.get_state().tolist(), "trace": trace.generations}))
-            tmp.replace(checkpoint)
+            state = {"start": list(start), "seed": seed, "parent": list(parent), "fitness": best_fit,
+                     "rng": rng.get_state().tolist(), "trace": trace.generations}
+            write_atomic(checkpoint, lambda p: p.write_text(json.dumps(state)))
         on_generation(info)
     return parent, trace
 
@@ -200,10 +200,8 @@ class Database:
 
     def write_layer(self, name: str, variants: list[Tensor]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{name}.tmp.safetensors"
-        save_file({f"level{k}": v.detach().to(torch.float16).contiguous().cpu() for k, v in enumerate(variants)}, str(tmp),
-                  metadata={"key": self.key})
-        tmp.replace(self.root / f"{name}.safetensors")
+        tensors = {f"level{k}": v.detach().to(torch.float16).contiguous().cpu() for k, v in enumerate(variants)}
+        write_atomic(self.root / f"{name}.safetensors", lambda p: save_file(tensors, str(p), metadata={"key": self.key}))
 
     def has_layer(self, name: str) -> bool:
         """The layer's variants are on disk, written under this database's key (by this build or an earlier,

@@ -22,7 +22,7 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
 
-from .data import sha256_file
+from .files import cache_dir, sha256_file, write_atomic
 from .errors import BadInput, CompressorError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -54,8 +54,6 @@ class ModelSource:
         return qc.get("quant_method") == "compressed-tensors"
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("COMPRESSOR_CACHE", Path.home() / ".cache" / "compressor"))
 
 
 def read_json_object(f: Path) -> dict:
@@ -224,9 +222,7 @@ def file_sha256(path: Path) -> str:
     known[str(real)] = {"stamp": stamp, "sha256": digest}
     try:  # a cache only: a failed write (read-only cache, a race with another run) costs a re-hash next time
         index.parent.mkdir(parents=True, exist_ok=True)
-        tmp = index.with_name(f".{index.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
-        os.replace(tmp, index)
+        write_atomic(index, lambda p: p.write_text(json.dumps(known, indent=1, sort_keys=True)))
     except OSError:
         pass
     return digest

@@ -17,7 +17,6 @@ import hashlib
 import os
 import warnings
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from torch import Tensor
 
 from . import quant
 from .errors import BadInput, CompressorError
+from .files import cache_dir
 
 MODES = ("reference", "cuda", "auto")
 MAX_FUSED_BATCH = 16  # rows of x the fused kernel takes (kernels/launch.h kMaxFusedBatch)
@@ -45,8 +45,15 @@ def kernel_mode() -> str:
 
 
 def kernel_sources() -> Path:
-    """The folder of the CUDA sources (kernels/ in a checkout, compressor/kernels installed)."""
-    return Path(str(resources.files("compressor.kernels")))
+    """The folder of the CUDA sources: compressor/kernels in an installed wheel (package data), kernels/ beside the
+    package in a checkout. Found by path, not imported: kernels/ has no __init__.py, so that a checkout on sys.path
+    (`python -m` from its root) does not shadow the `kernels` package transformers imports."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "kernels", here.parent / "kernels"):
+        if (d / SOURCES[0]).is_file():
+            return d
+    raise CompressorError(f"the CUDA kernel sources are not installed (looked in {here / 'kernels'} and "
+                          f"{here.parent / 'kernels'})")
 
 
 def cuda_kernels() -> Any | None:
@@ -76,8 +83,7 @@ def _load_extension() -> Any:
 
     src = kernel_sources()
     digest = hashlib.sha256(b"".join((src / f).read_bytes() for f in (*SOURCES, *HEADERS))).hexdigest()[:12]
-    cache = Path(os.environ.get("COMPRESSOR_CACHE", Path.home() / ".cache" / "compressor"))
-    build_dir = cache / "torch_extensions" / f"compressor_kernels_{digest}"
+    build_dir = cache_dir() / "torch_extensions" / f"compressor_kernels_{digest}"
     build_dir.mkdir(parents=True, exist_ok=True)
     return load(name=f"compressor_kernels_{digest}", sources=[str(src / f) for f in SOURCES],
                 extra_include_paths=[str(src)], extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "--use_fast_math"],

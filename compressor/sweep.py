@@ -27,8 +27,9 @@ from typing import Any, Callable
 
 import yaml
 
-from . import __version__, safejson
-from .data import DEFAULT_CORPUS, read_texts, sha256_file
+from . import __version__
+from .data import DEFAULT_CORPUS, read_texts
+from .files import sha256_file, write_json_atomic
 from .errors import BadInput, CompressorError
 from .models import find_blocks, model_class, resolve_model, safetensors_files, skeleton
 from .passes import get_pass
@@ -37,12 +38,6 @@ from .runner import check_targets
 
 RECORD = "record.json"
 Event = Callable[[str, dict[str, Any]], None]
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(safejson.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def _files_info(files: list[Path]) -> list[dict[str, str]]:
@@ -195,7 +190,7 @@ def _base_record(model: str, config: dict, out: Path, inputs: dict, encoder: boo
     record = {"name": "base", "key": key, "model": model, "kind": "encoder" if encoder else "decoder",
               "bits_per_weight": 8.0 * _dtype_bytes(config.get("dtype") or config.get("torch_dtype")), "quality": quality,
               "tool_version": __version__, "inputs": inputs, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    write_json_atomic(d / RECORD, record)
+    write_json_atomic(d / RECORD, record, indent=2, sort_keys=True)
     on_event("done", {"i": 0, "name": "base", "record": record, "resumed": False})
     return record
 
@@ -218,7 +213,7 @@ def _run(model: str, name: str, rec, key: str, d: Path, inputs: dict, calib, com
         args = ["model", model, "--recipe", str(recipe_file), "--out", str(art), "--force", *common]
         args += [x for f in calib or [] for x in ("--calib", str(f))]
         summary = _child(args, d / "compress.log", lambda s: on_event("line", {"text": s}))
-        write_json_atomic(summary_file, {**summary, "key": key})
+        write_json_atomic(summary_file, {**summary, "key": key}, indent=2, sort_keys=True)
     summary = json.loads(summary_file.read_text())
     on_event("run", {"i": i, "name": name, "stage": "evaluating"})
     res = _child(["eval", str(art), *eval_args, "--base", model], d / "eval.log",
@@ -235,5 +230,5 @@ def _run(model: str, name: str, rec, key: str, d: Path, inputs: dict, calib, com
         "seed": rec.calibration.seed, "calibration": summary.get("calibration"),
         "tool_version": __version__, "inputs": inputs, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    write_json_atomic(d / RECORD, record)
+    write_json_atomic(d / RECORD, record, indent=2, sort_keys=True)
     return record

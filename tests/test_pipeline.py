@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from compressor.artifact import join_safetensors, verify_hashes
-from compressor.data import sha256_file
+from compressor.files import sha256_file
 
 from conftest import run_cli
 

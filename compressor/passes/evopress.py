@@ -26,7 +26,6 @@ The assignment ({layer: {bits}}, {layer: {sparsity}} or {layer: {dropped}}) goes
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -37,6 +36,7 @@ from torch import nn
 from .. import evopress as E
 from .. import prune as P
 from ..errors import BadInput
+from ..files import cache_dir
 from . import PASSES, QuantConfig, register_pass
 
 if TYPE_CHECKING:
@@ -115,8 +115,7 @@ class EvoPressConfig(QuantConfig):
 def _db_root(cfg: EvoPressConfig, key: str) -> Path:
     if cfg.database:
         return Path(cfg.database)
-    cache = Path(os.environ.get("COMPRESSOR_CACHE", Path.home() / ".cache" / "compressor"))
-    return cache / "evopress" / key
+    return cache_dir() / "evopress" / key
 
 
 def _block_variants(cfg: EvoPressConfig, block: nn.Module, prefix: str, inputs: list, kwargs: list,
@@ -243,7 +242,7 @@ def _search(inp: "PlanInput", cfg: EvoPressConfig, space: E.LevelSpace, variants
 
 def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
     """The level of every layer (see the module docstring)."""
-    from ..data import sha256_file
+    from ..files import sha256_file
     from ..models import find_blocks, materialize, release
 
     cfg: EvoPressConfig = inp.spec.config  # type: ignore[assignment]
