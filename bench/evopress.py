@@ -74,7 +74,7 @@ def bits_dp_assignment(a: argparse.Namespace, windows: int) -> tuple[dict, float
     then the DP."""
     from compressor import evopress as E
     from compressor import prune as P
-    from compressor.api import load_tokenizer
+    from compressor.models import load_tokenizer
     from compressor.data import calibration_windows, read_texts, tokenize
     from compressor.models import Checkpoint, materialize, resolve_model, skeleton
 

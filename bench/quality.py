@@ -32,7 +32,8 @@ from safetensors import safe_open
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from compressor.api import load, load_tokenizer  # noqa: E402
+from compressor.api import load  # noqa: E402
+from compressor.models import load_tokenizer  # noqa: E402
 from compressor.data import eval_windows, load_windows, read_texts, tokenize  # noqa: E402
 from compressor.evaluate import log_probs, nll_and_kl  # noqa: E402
 from compressor.models import resolve_model  # noqa: E402

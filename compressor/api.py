@@ -17,31 +17,14 @@ from .artifact import MANIFEST, MANIFEST_DIGEST, manifest_check, manifest_digest
 from .data import check_window_request, load_windows
 from .files import sha256_file
 from .errors import BadInput, CompressorError
-from .models import (Checkpoint, ModelSource, checkpoint_key, copied_files, find_blocks, load_dense, materialize,
-                     resolve_model, skeleton)
+from .models import (Checkpoint, ModelSource, checkpoint_key, copied_files, find_blocks, load_dense, load_tokenizer,
+                     materialize, pick_device, pick_dtype, resolve_model, skeleton)
 from .modules import QuantLinear
 from .quant import QWeight, pack_int32, qweight_from_tensors
 from .recipe import load_recipe
 from .runner import BlockResult, Context, block_tensors, check_calibration, checkpoint_key_prefix, run_blocks
 from .lowrank import LOWRANK, LowRankLinear, LowRankWeight
 from .sparse import SUFFIXES as SPARSE_SUFFIXES, SparseWeight
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise BadInput(f"--device {device!r}: expected auto, cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInput(f"--device {device}: CUDA is not available on this machine")
-    return torch.device(device)
-
-
-def load_tokenizer(path: Path, trust_remote_code: bool = False):
-    """The tokenizer of a model directory; its own code runs only with `trust_remote_code`."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def _prepare(model: str, recipe: str | Path, calib, samples, seq_len, seed, device: str, log: Callable[[str], None],
@@ -564,19 +547,6 @@ def recorded_base(source: dict[str, Any]) -> str:
             raise BadInput(f"the artifact's source model {where} is not the one it was made from ({', '.join(changed)} "
                            "changed since): pass --base MODEL")
     return ref if kind == "hub" else str(where)
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto`: float16 on a GPU (where the fused kernels run), float32 on the CPU."""
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise BadInput(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
 
 def generate(target: str, prompt: str, max_new_tokens: int = 64, device: str = "auto", dtype: str = "auto",
              ignore_eos: bool = False, allow_pickle: bool = False, trust_remote_code: bool = False,

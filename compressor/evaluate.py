@@ -17,7 +17,7 @@ from torch import nn
 
 from .data import eval_windows, read_texts, tokenize
 from .errors import BadInput
-from .models import is_causal_lm, resolve_model
+from .models import is_causal_lm, load_tokenizer, pick_device, resolve_model
 from .modules import dequantize_model
 
 
@@ -71,7 +71,7 @@ def evaluate(target: str, data: list[str | Path], max_tokens: int = 16384, seq_l
              verify: bool = True) -> dict[str, Any]:
     """Perplexity (and KL to `base`) of a decoder, or embedding similarity to `base` of an encoder. An artifact
     (target or base) is checked against its manifest before it is loaded (api.check_artifact) unless not `verify`."""
-    from .api import load, load_tokenizer, pick_device
+    from .api import load
 
     t0 = time.perf_counter()
     if not data:
