@@ -1,7 +1,6 @@
 """The public API: compress(), load(), evaluate(). The CLI is a thin layer over these."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -10,21 +9,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import __version__
-from .artifact import (ArtifactWriter, FORMAT_VERSION, MASKED_QUANT, SPARSE_BITMASK, check_output,
-                       ct_layer_schemes, ct_quantization_config, ct_sparse_layers, file_hashes)
-from .artifact import MANIFEST, MANIFEST_DIGEST, manifest_check, manifest_digest_line, read_manifest, verify_hashes
+from .artifact.manifest import MANIFEST, layer_entry, source_record, write_metadata
+from .artifact.reader import VERIFY_PROMPT, describe, load_model, manifest_check, recorded_base, transformers_check
+from .artifact.writer import ArtifactWriter, check_output
 from .data import check_window_request, load_windows
-from .files import sha256_file
-from .errors import BadInput, CompressorError
-from .models import (Checkpoint, ModelSource, checkpoint_key, copied_files, find_blocks, load_dense, load_tokenizer,
-                     materialize, pick_device, pick_dtype, resolve_model, skeleton)
-from .modules import QuantLinear
-from .quant import QWeight, pack_int32, qweight_from_tensors
+from .errors import BadInput
+from .models import (Checkpoint, ModelSource, find_blocks, load_dense, load_tokenizer, pick_device, pick_dtype,
+                     resolve_model, skeleton)
 from .recipe import load_recipe
 from .runner import BlockResult, Context, block_tensors, check_calibration, checkpoint_key_prefix, run_blocks
-from .lowrank import LOWRANK, LowRankLinear, LowRankWeight
-from .sparse import SUFFIXES as SPARSE_SUFFIXES, SparseWeight
 
 
 def _prepare(model: str, recipe: str | Path, calib, samples, seq_len, seed, device: str, log: Callable[[str], None],
@@ -106,38 +99,6 @@ def compress(
     }
 
 
-def layer_entry(w: "QWeight | SparseWeight | LowRankWeight", pass_name: str, rel_err: float) -> dict[str, Any]:
-    """compression.json's entry of one compressed layer. A pruned layer adds `format` ("sparse-bitmask": pruned, not
-    quantized, compressed-tensors' layout; "pack-quantized+bitmask": pruned and quantized, our extension),
-    `sparsity` (fraction pruned) and `sparsity_structure`; a sparse-bitmask layer has no integer grid (`bits`,
-    `group_size`, `symmetric` null) and says the dtype its kept values are stored in."""
-    n, k = w.shape
-    if isinstance(w, LowRankWeight):  # our extension: two factors instead of the weight (DESIGN.md section 4)
-        entry = {"pass": pass_name, "format": LOWRANK, "bits": None, "dtype": str(w.a.dtype).removeprefix("torch."),
-                 "rank": w.rank, "group_size": None, "requested_group_size": None, "symmetric": None, "shape": [n, k],
-                 "bits_per_weight": round(w.storage_bits() / (n * k), 4), "weight_rel_err": round(rel_err, 6)}
-        return entry
-    if isinstance(w, SparseWeight):
-        entry: dict[str, Any] = {"pass": pass_name, "format": SPARSE_BITMASK, "bits": None,
-                                 "dtype": str(w.weight.dtype).removeprefix("torch."), "group_size": None,
-                                 "requested_group_size": None, "symmetric": None, "shape": [n, k]}
-    else:
-        entry = {"pass": pass_name, "bits": w.bits, "group_size": w.group_size,
-                 "requested_group_size": w.requested_group_size, "symmetric": w.symmetric, "shape": [n, k]}
-        if w.sparse is not None:  # our extension: a CSR float16 residual (DESIGN.md section 4)
-            entry["sparse"] = {"format": "csr-float16", "nnz": w.sparse.nnz,
-                               "fraction": round(w.sparse.nnz / (n * k), 6),
-                               "bits_per_weight": round(w.sparse.storage_bits((n, k)) / (n * k), 4)}
-        if w.mask is not None:
-            entry["format"] = MASKED_QUANT
-    if isinstance(w, SparseWeight) or w.mask is not None:
-        entry["sparsity"] = round(w.sparsity, 6)
-        entry["sparsity_structure"] = w.structure()
-    entry["bits_per_weight"] = round(w.storage_bits() / (n * k), 4)
-    entry["weight_rel_err"] = round(rel_err, 6)
-    return entry
-
-
 def add_block(writer: ArtifactWriter, skel: nn.Module, ckpt: Checkpoint, prefix: str, res: BlockResult,
               layers: dict[str, dict], block_errs: dict[str, float]) -> None:
     """A finished block into the artifact: its tensors as a part file, its layers' compression.json entries into
@@ -158,51 +119,7 @@ def finish_artifact(writer: ArtifactWriter, skel: nn.Module, ckpt: Checkpoint, s
     blocks_key_prefix = checkpoint_key_prefix(skel, ckpt, blocks_prefix)
     writer.add_part({k: ckpt.get(k) for k in ckpt.keys() if not k.startswith(blocks_key_prefix)})
     writer.join_parts()
-
-    linears = [n for n, m in skel.named_modules() if isinstance(m, nn.Linear)]
-    config = src.config
-    config["quantization_config"] = ct_quantization_config(layers, [n for n in linears if n not in layers])
-    writer.write_json("config.json", config)
-    for f in copied_files(src.path):  # checked again: each a regular file inside the source
-        writer.copy_in(f)
-    writer.write_text("recipe.yaml", recipe_yaml)
-    manifest = {"format_version": FORMAT_VERSION, "tool": "compressor", "tool_version": __version__,
-                "compressed_tensors_version": _ct_version(), **info, **manifest_sizes(layers)}
-    files = writer.files()
-    manifest["size_bytes"] = sum(f.stat().st_size for f in files)
-    manifest["files"] = file_hashes(files)
-    writer.write_json(MANIFEST, manifest)
-    writer.write_text(MANIFEST_DIGEST, manifest_digest_line(sha256_file(writer.tmp / MANIFEST)))  # last: seals it
-    return manifest
-
-
-def manifest_sizes(layers: dict[str, dict]) -> dict[str, Any]:
-    """The manifest's counts over the compressed layers: bits_per_weight (all they store, scales, zero points,
-    residuals, bitmasks and index included, per weight), quantized_params (weights of quantized layers, pruned
-    ones included), the per-layer entries and `extensions`; with pruning also sparse_params (weights of the
-    sparse-bitmask layers) and sparsity (fraction pruned over all compressed layers)."""
-    def size(v: dict) -> int:
-        return v["shape"][0] * v["shape"][1]
-
-    factors = {n for n in layers if layers.get(n.rpartition(".")[0], {}).get("format") == LOWRANK}
-    # a quantized factor of a factorised layer: its bits count, its numbers are the layer's (counted once)
-    qparams = sum(size(v) for n, v in layers.items() if v.get("format") != SPARSE_BITMASK and n not in factors)
-    sparams = sum(size(v) for v in layers.values() if v.get("format") == SPARSE_BITMASK)
-    qbits = sum(v["bits_per_weight"] * size(v) for v in layers.values())
-    extensions = []
-    if any("sparse" in v for v in layers.values()):
-        extensions.append("sparse_residual")
-    if any(v.get("format") == MASKED_QUANT for v in layers.values()):
-        extensions.append("sparse_bitmask_quantized")
-    if any(v.get("format") == LOWRANK for v in layers.values()):
-        extensions.append("lowrank")
-    out = {"bits_per_weight": round(qbits / max(qparams + sparams, 1), 4), "quantized_params": qparams,
-           "layers": layers, "extensions": extensions}
-    if any("sparsity" in v for v in layers.values()):
-        pruned = sum(v.get("sparsity", 0.0) * size(v) for v in layers.values())
-        out["sparse_params"] = sparams
-        out["sparsity"] = round(pruned / max(qparams + sparams, 1), 6)
-    return out
+    return write_metadata(writer, skel, src, layers, recipe_yaml, info)
 
 
 def peak_memory(device: torch.device) -> dict[str, int]:
@@ -220,181 +137,18 @@ def _mean(xs: list[float]) -> float | None:
     return round(sum(xs) / len(xs), 6) if xs else None
 
 
-def _ct_version() -> str | None:
-    try:
-        import compressed_tensors
-
-        return compressed_tensors.__version__
-    except ImportError:
-        return None
-
-
 def load(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
          allow_pickle: bool = False, trust_remote_code: bool = False, verify: bool = True) -> nn.Module:
     """A torch model from an artifact (QuantLinear layers, dequantized through ops.py) or from any model
     reference (floating point). An artifact's files are checked against its manifest first (check_artifact)
     unless `verify` is False."""
-    if verify:
-        check_artifact(path)
-    src = resolve_model(str(path), allow_pickle, trust_remote_code)
-    dev = pick_device(device)
-    if not src.is_compressed:
-        return load_dense(src, str(dev), dtype)
-    return load_compressed(src, dev, dtype)
-
-
-def check_artifact(path: str | Path) -> None:
-    """When `path` is one of our artifacts (a directory with compression.json), every check of verify_hashes, or a
-    CompressorError (exit 1) naming what does not match. Other model references are left alone: they have no
-    manifest to check against. Hashing costs a read of the files (see the README's verify section)."""
-    p = Path(str(path)).expanduser()
-    if not (p.is_dir() and ((p / MANIFEST).exists() or (p / MANIFEST).is_symlink())):
-        return
-    bad = verify_hashes(p, read_manifest(p))
-    if bad:
-        raise CompressorError(f"artifact {p} does not match its manifest: {'; '.join(bad)} "
-                              "(pass --no-verify to load it anyway)")
-
-
-class ExpandedCheckpoint:
-    """A Checkpoint with some tensors computed on read: the dense `weight` of a sparse-bitmask layer, the
-    `weight_packed` of a pruned + quantized one, so the model loads through the usual path (materialize)."""
-
-    def __init__(self, ckpt: Checkpoint):
-        self.ckpt = ckpt
-        self.derived: dict[str, Callable[[], torch.Tensor]] = {}
-
-    def keys(self) -> list[str]:
-        return sorted({*self.ckpt.keys(), *self.derived})
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.derived or key in self.ckpt
-
-    def get(self, key: str) -> torch.Tensor:
-        return self.derived[key]() if key in self.derived else self.ckpt.get(key)
-
-    def layer(self, base: str, suffixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        """The tensors `base + suffix` that exist, keyed by suffix."""
-        return {s: self.ckpt.get(base + s) for s in suffixes if base + s in self.ckpt}
-
-    def shape(self, key: str) -> list[int] | None:
-        """A stored tensor's shape from its file's header (nothing loaded); None for a tensor computed on read."""
-        if key in self.derived:
-            return None
-        from safetensors import safe_open
-
-        with safe_open(self.ckpt.files[key], framework="pt") as h:
-            return list(h.get_slice(key).get_shape())
-
-
-MASKED_QWEIGHT_TENSORS = (*QWeight.MASKED_SUFFIXES, "weight_scale", "weight_zero_point", "weight_shape")
-
-
-def load_compressed(src: ModelSource, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Quantized layers become QuantLinear (a pruned one with its dense codes rebuilt: the grid's zero at the pruned
-    weights); sparse-bitmask layers (sparsity_config) plain Linear with the dense weight rebuilt from the bitmask."""
-    model = skeleton(src.path)
-    ckpt = ExpandedCheckpoint(Checkpoint(src.path))
-    layers = read_manifest(src.path).get("layers", {}) if (src.path / MANIFEST).is_file() else {}
-    modules = dict(model.named_modules())
-    for name, v in layers.items():  # factorised layers (our extension): the two-Linear module
-        if v.get("format") == LOWRANK:
-            lin, rank = modules.get(name), v.get("rank")
-            if not isinstance(lin, nn.Linear):
-                raise BadInput(f"{src.path}: {MANIFEST} has low-rank layer {name}, which is not a Linear of the model")
-            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-                raise BadInput(f"{src.path}: {MANIFEST}: low-rank layer {name} has rank {rank!r}, not a positive integer")
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child,
-                    LowRankLinear(lin.in_features, lin.out_features, rank, lin.bias is not None))
-    linears = [(n, type(m).__name__) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    qc = src.config["quantization_config"]
-    schemes = ct_layer_schemes(qc, linears)
-    for name in ct_sparse_layers(qc, linears):
-        if name in schemes:  # quantized too: compressed-tensors compressed such a weight by quantization alone
-            continue
-        key = checkpoint_key(model, ckpt.ckpt, f"{name}.compressed")
-        if key is None:
-            raise BadInput(f"{src.path}: no sparse-bitmask tensors ({name}.compressed) for sparse layer {name}")
-        base = key[: -len("compressed")]
-        ckpt.derived[base + "weight"] = lambda base=base: SparseWeight.from_tensors(
-            ckpt.layer(base, SPARSE_SUFFIXES)).weight
-    for name, (bits, g, sym) in schemes.items():
-        lin = model.get_submodule(name)
-        key = checkpoint_key(model, ckpt, f"{name}.weight_scale")
-        if key is None:
-            raise BadInput(f"{src.path}: no weight_scale for quantized layer {name}")
-        sparse_key = checkpoint_key(model, ckpt, f"{name}.weight_sparse_values")
-        nnz = 0 if sparse_key is None else ckpt.get(sparse_key).numel()
-        q = QuantLinear(lin.in_features, lin.out_features, bits, g, sym, lin.bias is not None, ckpt.get(key).dtype, nnz)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, q)
-        mask_key = checkpoint_key(model, ckpt.ckpt, f"{name}.weight_bitmask")
-        if mask_key is not None:  # pruned + quantized (our extension): the dense codes, zero code where pruned
-            base = mask_key[: -len("weight_bitmask")]
-            ckpt.derived[base + "weight_packed"] = lambda base=base, bits=bits, g=g: _masked_codes(
-                ckpt, base, bits, g, src.path)
-    for name, v in layers.items():
-        if v.get("format") == LOWRANK:
-            check_layer_tensors(model, ckpt, name, f"low-rank of rank {v['rank']} in {MANIFEST}", src.path)
-    for name, (bits, g, sym) in schemes.items():
-        check_layer_tensors(model, ckpt, name, f"{bits}-bit {'per-channel' if g == -1 else f'group {g}'} "
-                            f"{'symmetric' if sym else 'asymmetric'} in config.json", src.path)
-    materialize(model, "", ckpt, device, dtype)
-    return model.to(device)
-
-
-def check_layer_tensors(model: nn.Module, ckpt: ExpandedCheckpoint, name: str, what: str, path: Path) -> None:
-    """Every tensor the module built for compressed layer `name` (QuantLinear, LowRankLinear) expects is stored, with
-    the shape it expects: an edited bit width, group size, symmetry or rank is a BadInput naming the layer, the
-    tensor and both shapes, before anything is loaded."""
-    module = model.get_submodule(name)
-    for tname, t in [*module.named_parameters(), *module.named_buffers()]:
-        full = f"{name}.{tname}"
-        key = checkpoint_key(model, ckpt, full)
-        if key is None:
-            raise BadInput(f"{path}: layer {name} ({what}) needs tensor {full}, which the checkpoint does not have")
-        stored = ckpt.shape(key)
-        if stored is not None and stored != list(t.shape):
-            raise BadInput(f"{path}: layer {name} ({what}): {full} should have shape {list(t.shape)}, "
-                           f"the checkpoint's has {stored}")
-
-
-def _masked_codes(ckpt: ExpandedCheckpoint, base: str, bits: int, g: int, path: Path) -> torch.Tensor:
-    """The dense `weight_packed` of a pruned + quantized layer (its kept codes put back, the grid's zero elsewhere);
-    kept codes that do not fit the bit width are a BadInput."""
-    try:
-        return pack_int32(qweight_from_tensors(ckpt.layer(base, MASKED_QWEIGHT_TENSORS), bits, g).q, bits)
-    except ValueError as e:
-        raise BadInput(f"{path}: layer {base.rstrip('.')}: {e}") from None
-
-
-def describe(path: str | Path) -> dict[str, Any]:
-    """`compress inspect`: the manifest of an artifact, the sha256 of compression.json itself (`manifest_sha256`,
-    checked against the sidecar compression.json.sha256), its files and their check (verify_hashes)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise BadInput(f"{path} is not a directory")
-    manifest = read_manifest(path)
-    digest, _ = manifest_check(path)
-    bad = verify_hashes(path, manifest)
-    return {**manifest, "path": str(path), "manifest_sha256": digest, "hashes_ok": not bad, "hash_mismatches": bad}
+    return load_model(path, device, dtype, allow_pickle, trust_remote_code, verify)
 
 
 def evaluate(*args: Any, **kwargs: Any) -> dict[str, Any]:
     from .evaluate import evaluate as _evaluate
 
     return _evaluate(*args, **kwargs)
-
-
-VERIFY_PROMPT = "It is a truth universally acknowledged"
-# verify --transformers: the max abs difference of transformers' logits to ours on VERIFY_PROMPT, as a fraction of our
-# largest |logit|. Dequantizing at load, compressed-tensors rounds the weights to float16 (2^-11 relative; measured on
-# the demo at W4 per channel, asymmetric: max abs difference 0.015 on the prompt, 0.11 on 48 random tokens, about
-# 0.4% of the largest logit); a weight left unloaded or misread moves logits by whole units.
-TRANSFORMERS_RTOL = 0.01
-
-
 def verify(path: str | Path, data: list[str | Path] | None = None, max_ppl: float | None = None,
            max_kl: float | None = None, min_cos: float | None = None, base: str | None = None,
            max_tokens: int = 16384, seq_len: int = 512, device: str = "auto",
@@ -455,98 +209,6 @@ def verify(path: str | Path, data: list[str | Path] | None = None, max_ppl: floa
             checks.append({"check": metric, "ok": ok, "value": v, "bound": bound,
                            "detail": f"{metric} {v:.6g} {rel} {bound:g}"})
     return {**result, "passed": all(c["ok"] for c in checks)}
-
-
-def transformers_check(path: Path, info: dict[str, Any], ids: torch.Tensor, ours: torch.Tensor) -> dict[str, Any]:
-    """verify's `transformers` row: the artifact opened by transformers' own loader gives, on the same prompt, our
-    loader's logits (encoders: last hidden states) to TRANSFORMERS_RTOL of their largest magnitude, with no weight
-    left missing. compressed-tensors dequantizes at load when a layer is asymmetric (transformers cannot run those
-    packed); artifacts with our extensions fail it (transformers does not know them)."""
-    from transformers import AutoConfig, CompressedTensorsConfig
-
-    from .models import is_causal_lm, model_class
-
-    if info.get("extensions"):
-        return {"check": "transformers", "ok": False,
-                "detail": f"uses our extensions ({', '.join(info['extensions'])}), which transformers does not open"}
-    qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
-    asym = any((g.get("weights") or {}).get("symmetric") is False for g in (qc.get("config_groups") or {}).values())
-    kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if asym else {}
-    try:
-        cls = model_class(AutoConfig.from_pretrained(path, trust_remote_code=False))
-        model, loading = cls.from_pretrained(path, dtype=torch.float32, trust_remote_code=False,
-                                             output_loading_info=True, **kwargs)
-    except Exception as e:  # any failure of transformers' loader is this check failing, not verify crashing
-        return {"check": "transformers", "ok": False,
-                "detail": f"transformers cannot load it: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
-    missing = sorted({*loading.get("missing_keys", []), *(k for k, *_ in loading.get("mismatched_keys", []))})
-    if missing:
-        return {"check": "transformers", "ok": False,
-                "detail": f"transformers leaves {len(missing)} weights unloaded ({', '.join(missing[:3])}"
-                          f"{', ...' if len(missing) > 3 else ''})"}
-    with torch.no_grad():
-        o = model.to(ours.device).eval()(input_ids=ids)
-    theirs = o.logits if is_causal_lm(model) else o.last_hidden_state
-    diff = float((theirs.float() - ours.float()).abs().max())
-    bound = TRANSFORMERS_RTOL * float(ours.float().abs().max())
-    how = "dequantized at load" if asym else "packed"
-    return {"check": "transformers", "ok": diff <= bound, "value": diff, "bound": bound,
-            "detail": f"{how}: max abs difference to our loader {diff:.3g} {'<=' if diff <= bound else '>'} {bound:.3g} "
-                      f"({TRANSFORMERS_RTOL:g} of the largest)"}
-
-
-def source_files(path: Path) -> list[Path]:
-    """The files a load of a model reference reads its weights from: a .gguf file itself; in a directory config.json
-    and the *.safetensors files (or, without any, the pickle checkpoints)."""
-    from .models import PICKLE_SUFFIXES, safetensors_files
-
-    if path.is_file():
-        return [path]
-    weights = safetensors_files(path) or sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    return [f for f in [path / "config.json", *weights] if f.is_file()]
-
-
-def source_record(ref: str, src: ModelSource) -> dict[str, Any]:
-    """compression.json's `source`: the reference as given and its kind; for a local one the absolute path it
-    resolved to, and (but for `demo`, found the same anywhere) the sha256 of the files it was read from
-    (source_files), so that verify compares against this model from any directory and only while it is unchanged."""
-    out: dict[str, Any] = {"ref": ref, "kind": src.kind}
-    if src.kind == "demo":
-        return out
-    where = src.path if src.kind == "hub" else Path(ref).expanduser().resolve()
-    if src.kind != "hub":
-        out["path"] = str(where)
-    out["sha256"] = file_hashes(source_files(where))
-    return out
-
-
-def recorded_base(source: dict[str, Any]) -> str:
-    """The base model verify compares against without --base: the artifact's source, as recorded (source_record).
-    A BadInput naming it when it is not there, or not the model the artifact was made from (its files' sha256
-    differ); an artifact that recorded only a relative path (written before the path was recorded) is refused, as
-    the directory it was relative to is not known."""
-    ref, kind = source.get("ref"), source.get("kind")
-    if kind == "demo" or not ref:
-        return ref or "demo"
-    if kind == "hub":
-        where = resolve_model(ref).path
-    elif "path" in source:
-        where = Path(source["path"])
-    elif Path(ref).expanduser().is_absolute():
-        where = Path(ref).expanduser()
-    else:
-        raise BadInput(f"the artifact records its source model only as {ref!r}, relative to a directory it does not "
-                       "name (written before the resolved path was recorded): pass --base MODEL")
-    if kind != "hub" and not where.exists():
-        raise BadInput(f"the artifact's source model {where} (given as {ref!r}) is not there: pass --base MODEL")
-    recorded = source.get("sha256")
-    if isinstance(recorded, dict):
-        now = file_hashes(source_files(where))
-        changed = sorted(n for n in {*now, *recorded} if now.get(n) != recorded.get(n))
-        if changed:
-            raise BadInput(f"the artifact's source model {where} is not the one it was made from ({', '.join(changed)} "
-                           "changed since): pass --base MODEL")
-    return ref if kind == "hub" else str(where)
 
 def generate(target: str, prompt: str, max_new_tokens: int = 64, device: str = "auto", dtype: str = "auto",
              ignore_eos: bool = False, allow_pickle: bool = False, trust_remote_code: bool = False,

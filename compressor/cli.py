@@ -178,7 +178,7 @@ def eval_cmd(
 def inspect_cmd(path: Path = typer.Argument(..., help="artifact directory"), as_json: bool = JSON,
                 quiet: bool = QUIET) -> None:
     """Show an artifact's manifest, per-layer settings and file check."""
-    from .api import describe
+    from .artifact.reader import describe
 
     _quiet(quiet)
     with _guard():
