@@ -368,7 +368,7 @@ def generate_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """Greedy text continuation of --prompt, with tokens per second: the generated text on stdout."""
-    from .api import generate
+    from .generate import generate
 
     _quiet(quiet)
     with _guard():
@@ -425,7 +425,7 @@ def sensitivity_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """PQI against the measured loss change of a quantization, with first- and second-order Taylor beside it."""
-    from .api import sensitivity
+    from .analysis import sensitivity
 
     _quiet(quiet)
     with _guard():
@@ -460,7 +460,7 @@ def utilization_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """Each Linear's utilized rank: the dimensions its calibration inputs and outputs really use, at each tau."""
-    from .api import utilization, utilization_plot
+    from .analysis import utilization, utilization_plot
 
     _quiet(quiet)
     with _guard():
