@@ -1,6 +1,8 @@
-"""The public API: compress(), load(), evaluate(). The CLI is a thin layer over these."""
+"""The public API, orchestration only: compress() (model + recipe -> runner -> artifact writer), load(), verify()
+(evaluate() is evaluate.py's). The CLI is a thin layer over these; the artifact format is artifact/'s."""
 from __future__ import annotations
 
+import resource
 import sys
 import time
 from pathlib import Path
@@ -12,9 +14,11 @@ from torch import nn
 from .artifact.manifest import MANIFEST, layer_entry, source_record, write_metadata
 from .artifact.reader import VERIFY_PROMPT, describe, load_model, manifest_check, recorded_base, transformers_check
 from .artifact.writer import ArtifactWriter, check_output
-from .data import load_windows
+from .data import DEFAULT_CORPUS, load_windows
 from .errors import BadInput
-from .models import Checkpoint, ModelSource, find_blocks, load_tokenizer, pick_device, resolve_model, skeleton
+from .evaluate import evaluate
+from .models import (Checkpoint, ModelSource, find_blocks, is_causal_lm, load_tokenizer, pick_device, resolve_model,
+                     skeleton)
 from .recipe import load_recipe
 from .runner import BlockResult, Context, block_tensors, check_calibration, checkpoint_key_prefix, run_blocks
 
@@ -123,8 +127,6 @@ def finish_artifact(writer: ArtifactWriter, skel: nn.Module, ckpt: Checkpoint, s
 
 def peak_memory(device: torch.device) -> dict[str, int]:
     """This process's peak resident memory so far (and the peak CUDA allocation on a GPU), in bytes."""
-    import resource
-
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     out = {"peak_memory_bytes": int(rss if sys.platform == "darwin" else rss * 1024)}
     if device.type == "cuda":
@@ -144,10 +146,6 @@ def load(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float
     return load_model(path, device, dtype, allow_pickle, trust_remote_code, verify)
 
 
-def evaluate(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    from .evaluate import evaluate as _evaluate
-
-    return _evaluate(*args, **kwargs)
 def verify(path: str | Path, data: list[str | Path] | None = None, max_ppl: float | None = None,
            max_kl: float | None = None, min_cos: float | None = None, base: str | None = None,
            max_tokens: int = 16384, seq_len: int = 512, device: str = "auto",
@@ -161,9 +159,6 @@ def verify(path: str | Path, data: list[str | Path] | None = None, max_ppl: floa
 
     The digests catch accidents and edits that leave them alone; whoever can write the files can also rewrite
     every digest beside them, so a CI job that must trust an artifact pins the manifest sha256 this prints."""
-    from .data import DEFAULT_CORPUS
-    from .models import is_causal_lm
-
     info = describe(path)  # BadInput when it is not an artifact
     bounds = {k: v for k, v in (("perplexity", max_ppl), ("kl_to_base", max_kl), ("cosine_similarity", min_cos))
               if v is not None}
