@@ -28,7 +28,7 @@ from .files import tmp_sibling, write_atomic, write_json_atomic
 from .generate import generate
 from .recipe import load_recipe, shipped_recipes
 from .report import write_report
-from .sweep import sweep
+from .sweep import block_reporter, sweep
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Post-training compression of Hugging Face checkpoints into compressed-tensors artifacts.")
@@ -150,12 +150,15 @@ def model_cmd(
     with _command(quiet, as_json) as emit:
         progress = _progress()
         task = None
+        report = block_reporter()  # a sweep's pipe, when a sweep started this run
 
         def on_block(i: int, n: int, prefix: str, res: Any) -> None:
             nonlocal task
             if task is None:
                 task = progress.add_task("compressing blocks", total=n)
             progress.update(task, advance=1, description=f"{prefix}")
+            if report:
+                report(i + 1, n, prefix)
             if not err.is_terminal:
                 mse = "" if res.out_rel_err is None else f"output rel. MSE {res.out_rel_err:.3g}, "
                 err.print(f"block {i + 1}/{n} {prefix}: {mse}{res.seconds:.1f}s", highlight=False)
@@ -260,8 +263,6 @@ def sweep_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """Compress MODEL with each recipe, evaluate each, write one JSON record per run (finished runs are kept)."""
-    import re
-
     with _command(quiet, as_json) as emit:
         names = [r.strip() for r in recipes.split(",") if r.strip()]
         with _progress() as progress:
@@ -276,11 +277,9 @@ def sweep_cmd(
                     progress.update(tasks["blocks"], visible=False, completed=0, total=None)
                     if not err.is_terminal:
                         err.print(f"{info['name']}: {info['stage']}", highlight=False)
-                elif kind == "line":
-                    m = re.match(r"block (\d+)/(\d+) (\S+):", info["text"])
-                    if m:
-                        progress.update(tasks["blocks"], visible=True, completed=int(m[1]), total=int(m[2]),
-                                        description=f"  {m[3]}")
+                elif kind == "block":
+                    progress.update(tasks["blocks"], visible=True, completed=info["block"], total=info["blocks"],
+                                    description=f"  {info['prefix']}")
                 elif kind == "done":
                     progress.advance(tasks["runs"])
                     q = info["record"]["quality"]
