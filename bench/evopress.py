@@ -74,9 +74,8 @@ def bits_dp_assignment(a: argparse.Namespace, windows: int) -> tuple[dict, float
     then the DP."""
     from compressor import evopress as E
     from compressor import prune as P
-    from compressor.api import load_tokenizer
     from compressor.data import calibration_windows, read_texts, tokenize
-    from compressor.models import Checkpoint, materialize, resolve_model, skeleton
+    from compressor.models import Checkpoint, load_tokenizer, materialize, resolve_model, skeleton
 
     f = a.work / f"curves-bits-{a.candidate}-{windows}x{a.curve_len}.json"
     root = Path(evo_spec(a, "bits", 0)["database"])

@@ -36,9 +36,8 @@ def main() -> None:
 
     from compressor import evopress as E
     from compressor import prune as P
-    from compressor.api import load_tokenizer
     from compressor.data import calibration_windows, read_texts, tokenize
-    from compressor.models import resolve_model
+    from compressor.models import load_tokenizer, resolve_model
     from compressor.quant import quantize_rtn, resolve_group_size
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

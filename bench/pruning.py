@@ -63,9 +63,8 @@ def curves_for(a: argparse.Namespace, structure: str, state: dict) -> dict:
         return json.loads(f.read_text())
     model, streams = state.get("model"), state.get("streams")
     if model is None:
-        from compressor.api import load_tokenizer
         from compressor.data import calibration_windows, read_texts, tokenize
-        from compressor.models import Checkpoint, materialize, resolve_model, skeleton
+        from compressor.models import Checkpoint, load_tokenizer, materialize, resolve_model, skeleton
 
         path = resolve_model("demo").path
         tokens = tokenize(load_tokenizer(path), read_texts([CALIB]))

@@ -32,10 +32,10 @@ from safetensors import safe_open
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from compressor.api import load, load_tokenizer  # noqa: E402
+from compressor.api import load  # noqa: E402
 from compressor.data import eval_windows, load_windows, read_texts, tokenize  # noqa: E402
 from compressor.evaluate import log_probs, nll_and_kl  # noqa: E402
-from compressor.models import resolve_model  # noqa: E402
+from compressor.models import load_tokenizer, resolve_model  # noqa: E402
 from compressor.modules import dequantize_model  # noqa: E402
 
 ROWS = {"w4-ch": (4, -1), "w4-g64": (4, 64), "w3-g64": (3, 64)}

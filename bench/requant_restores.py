@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from quality import DATA, machine, write_record  # noqa: E402
 
 from compressor import pqi  # noqa: E402
-from compressor.api import load, load_tokenizer  # noqa: E402
+from compressor.api import load  # noqa: E402
 from compressor.data import load_windows  # noqa: E402
-from compressor.models import load_dense, resolve_model  # noqa: E402
+from compressor.models import load_dense, load_tokenizer, resolve_model  # noqa: E402
 from compressor.modules import QuantLinear  # noqa: E402
 
 CALIB = [DATA / "emma.txt", DATA / "mansfieldpark.txt"]

@@ -18,8 +18,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column, Table
 
 from . import safejson
+from .analysis import sensitivity, utilization, utilization_plot
+from .api import compress, verify
+from .artifact.reader import describe
+from .data import DataWarning
 from .errors import BadInput, CompressorError
+from .evaluate import evaluate
 from .files import tmp_sibling, write_atomic, write_json_atomic
+from .generate import generate
+from .recipe import load_recipe, shipped_recipes
+from .report import write_report
+from .sweep import block_reporter, sweep
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Post-training compression of Hugging Face checkpoints into compressed-tensors artifacts.")
@@ -65,8 +74,6 @@ _python_showwarning = warnings.showwarning
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Our warnings about the user's input (DataWarning) as one `warning:` line with the logs; others as Python
     prints them."""
-    from .data import DataWarning
-
     if issubclass(category, DataWarning):
         err.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
     else:
@@ -85,6 +92,21 @@ def _quiet(quiet: bool) -> None:
         tqdm.std.tqdm.__init__ = functools.partialmethod(tqdm.std.tqdm.__init__, disable=True)
 
 
+@contextmanager
+def _command(quiet: bool, as_json: bool) -> Iterator[Callable[[Any], bool]]:
+    """The frame of every command: --quiet, then our errors as exit codes (_guard). Yields `emit(obj)`: with --json
+    it prints `obj` as the one JSON object on stdout and returns True (the command renders nothing more), else False."""
+    _quiet(quiet)
+
+    def emit(obj: Any) -> bool:
+        if as_json:
+            sys.stdout.write(safejson.dumps(obj, default=str) + "\n")
+        return as_json
+
+    with _guard():
+        yield emit
+
+
 def _progress() -> Progress:
     """Bars on stderr, shown only on a terminal and without --quiet."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -99,10 +121,8 @@ def _window_progress() -> Iterator[Any]:
         yield lambda i, n: progress.update(task, completed=i + 1, total=n)
 
 
-def _emit(obj: dict[str, Any], as_json: bool, table_title: str) -> None:
-    if as_json:
-        sys.stdout.write(safejson.dumps(obj, default=str) + "\n")
-        return
+def _table(obj: dict[str, Any], table_title: str) -> None:
+    """The scalar fields of a result as a two-column table on stderr."""
     t = Table(title=table_title, show_header=False)
     for k, v in obj.items():
         if not isinstance(v, (dict, list)):
@@ -127,18 +147,18 @@ def model_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """Compress MODEL with a recipe into a compressed-tensors artifact."""
-    from .api import compress
-
-    _quiet(quiet)
-    with _guard():
+    with _command(quiet, as_json) as emit:
         progress = _progress()
         task = None
+        report = block_reporter()  # a sweep's pipe, when a sweep started this run
 
         def on_block(i: int, n: int, prefix: str, res: Any) -> None:
             nonlocal task
             if task is None:
                 task = progress.add_task("compressing blocks", total=n)
             progress.update(task, advance=1, description=f"{prefix}")
+            if report:
+                report(i + 1, n, prefix)
             if not err.is_terminal:
                 mse = "" if res.out_rel_err is None else f"output rel. MSE {res.out_rel_err:.3g}, "
                 err.print(f"block {i + 1}/{n} {prefix}: {mse}{res.seconds:.1f}s", highlight=False)
@@ -146,7 +166,8 @@ def model_cmd(
         with progress:
             summary = compress(model, recipe, out, calib, samples, seq_len, seed, device, force, allow_pickle,
                                trust_remote_code, log=lambda m: err.print(m, highlight=False), on_block=on_block)
-        _emit(summary, as_json, f"wrote {out}")
+        if not emit(summary):
+            _table(summary, f"wrote {out}")
 
 
 @app.command("eval")
@@ -164,29 +185,22 @@ def eval_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """Perplexity (and KL to a base model) of TARGET on text; embedding similarity for encoders."""
-    from .evaluate import evaluate
-
-    _quiet(quiet)
-    with _guard():
+    with _command(quiet, as_json) as emit:
         with _window_progress() as on_window:
             res = evaluate(target, data, max_tokens, seq_len, base, device, allow_pickle, trust_remote_code,
                            on_window=on_window, verify=not no_verify)
-        _emit(res, as_json, f"eval {target}")
+        if not emit(res):
+            _table(res, f"eval {target}")
 
 
 @app.command("inspect")
 def inspect_cmd(path: Path = typer.Argument(..., help="artifact directory"), as_json: bool = JSON,
                 quiet: bool = QUIET) -> None:
     """Show an artifact's manifest, per-layer settings and file check."""
-    from .api import describe
-
-    _quiet(quiet)
-    with _guard():
+    with _command(quiet, as_json) as emit:
         info = describe(path)
-        if as_json:
-            sys.stdout.write(safejson.dumps(info) + "\n")
-        else:
-            _emit({k: v for k, v in info.items() if k not in ("files", "layers", "manifest_sha256")}, False, str(path))
+        if not emit(info):
+            _table({k: v for k, v in info.items() if k not in ("files", "layers", "manifest_sha256")}, str(path))
             err.print(f"compression.json sha256 {info['manifest_sha256']}", highlight=False, soft_wrap=True)
             pruned = any("sparsity" in v for v in info["layers"].values())
             t = Table("layer", "pass", "bits", "group", "sym", "shape", *(["sparsity"] if pruned else []), "bpw",
@@ -215,17 +229,13 @@ def _sparsity_cell(layer: dict) -> str:
 @app.command("recipes")
 def recipes_cmd(as_json: bool = JSON, quiet: bool = QUIET) -> None:
     """List the shipped recipes."""
-    from .recipe import load_recipe, shipped_recipes
-
-    _quiet(quiet)
-    with _guard():
+    with _command(quiet, as_json) as emit:
         rows = []
         for name, path in shipped_recipes().items():
             r = load_recipe(path)
             rows.append({"name": name, "passes": [p.name for p in r.passes], "description": r.description,
                          "path": str(path)})
-        if as_json:
-            sys.stdout.write(safejson.dumps({"recipes": rows}) + "\n")
+        if emit({"recipes": rows}):
             return
         t = Table("recipe", "passes", "description")
         for r in rows:
@@ -253,12 +263,7 @@ def sweep_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """Compress MODEL with each recipe, evaluate each, write one JSON record per run (finished runs are kept)."""
-    import re
-
-    from .sweep import sweep
-
-    _quiet(quiet)
-    with _guard():
+    with _command(quiet, as_json) as emit:
         names = [r.strip() for r in recipes.split(",") if r.strip()]
         with _progress() as progress:
             tasks: dict[str, Any] = {}
@@ -272,11 +277,9 @@ def sweep_cmd(
                     progress.update(tasks["blocks"], visible=False, completed=0, total=None)
                     if not err.is_terminal:
                         err.print(f"{info['name']}: {info['stage']}", highlight=False)
-                elif kind == "line":
-                    m = re.match(r"block (\d+)/(\d+) (\S+):", info["text"])
-                    if m:
-                        progress.update(tasks["blocks"], visible=True, completed=int(m[1]), total=int(m[2]),
-                                        description=f"  {m[3]}")
+                elif kind == "block":
+                    progress.update(tasks["blocks"], visible=True, completed=info["block"], total=info["blocks"],
+                                    description=f"  {info['prefix']}")
                 elif kind == "done":
                     progress.advance(tasks["runs"])
                     q = info["record"]["quality"]
@@ -289,8 +292,7 @@ def sweep_cmd(
 
             res = sweep(model, names, eval_data, out, calib, samples, seq_len, seed, max_tokens, eval_seq_len, device,
                         force, allow_pickle, trust_remote_code, on_event)
-        if as_json:
-            sys.stdout.write(safejson.dumps(res) + "\n")
+        emit(res)
         if res["failed"]:
             raise typer.Exit(1)
 
@@ -303,14 +305,9 @@ def report_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """Accuracy-vs-size report of a sweep: a table sorted by size, plots with the Pareto frontier, per layer."""
-    from .report import write_report
-
-    _quiet(quiet)
-    with _guard():
+    with _command(quiet, as_json) as emit:
         res = write_report(runs, out)
-        if as_json:
-            sys.stdout.write(safejson.dumps(res) + "\n")
-        else:
+        if not emit(res):
             err.print(f"wrote {', '.join(res['files'])}; Pareto-optimal: {', '.join(res['pareto'])}", highlight=False)
 
 
@@ -334,15 +331,11 @@ def verify_cmd(
 ) -> None:
     """Check an artifact: its manifest's sha256 (printed: pin it in CI) and every file's, load, forward pass, and
     optionally transformers loading and a quality bound (exit 1 when a check fails)."""
-    from .api import verify
-
-    _quiet(quiet)
-    with _guard():
+    with _command(quiet, as_json) as emit:
         with _window_progress() as on_window:
             res = verify(artifact, data, max_ppl, max_kl, min_cos, base, max_tokens, seq_len, device,
                          on_window=on_window, transformers=transformers)
-        if as_json:
-            sys.stdout.write(safejson.dumps(res) + "\n")
+        emit(res)
         t = Table("check", "result", Column("detail", overflow="fold"), title=f"verify {artifact}")
         for c in res["checks"]:
             t.add_row(c["check"], "[green]ok[/]" if c["ok"] else "[bold red]FAILED[/]", c["detail"])
@@ -368,14 +361,10 @@ def generate_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """Greedy text continuation of --prompt, with tokens per second: the generated text on stdout."""
-    from .api import generate
-
-    _quiet(quiet)
-    with _guard():
+    with _command(quiet, as_json) as emit:
         res = generate(target, prompt, max_new_tokens, device, dtype, ignore_eos, allow_pickle, trust_remote_code,
                        not no_verify)
-        if as_json:
-            sys.stdout.write(safejson.dumps(res) + "\n")
+        if emit(res):
             return
         sys.stdout.write(res["text"] + "\n")
         kern = f", kernels {res['kernels']}" if res["kernels"] else ""
@@ -425,18 +414,14 @@ def sensitivity_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """PQI against the measured loss change of a quantization, with first- and second-order Taylor beside it."""
-    from .api import sensitivity
-
-    _quiet(quiet)
-    with _guard():
+    with _command(quiet, as_json) as emit:
         ns = _numbers(intervals, int, "--intervals", "integers such as 4,8,16")
         _no_dirs(out=out)
         res = sensitivity(model, recipe, calib, samples, seq_len, seed, ns, device,
                           log=lambda m: err.print(m, highlight=False))
         if out is not None:
             write_json_atomic(out, res, indent=2)
-        if as_json:
-            sys.stdout.write(safejson.dumps(res) + "\n")
+        if emit(res):
             return
         t = Table("estimate", "predicted dF", "/ measured", title=f"dF of {recipe} on {model}: measured "
                   f"{res['measured_dF']:.5g} ({res['tokens']} tokens)")
@@ -460,10 +445,7 @@ def utilization_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """Each Linear's utilized rank: the dimensions its calibration inputs and outputs really use, at each tau."""
-    from .api import utilization, utilization_plot
-
-    _quiet(quiet)
-    with _guard():
+    with _command(quiet, as_json) as emit:
         taus = _numbers(tau, float, "--tau", "fractions such as 0.99,0.999")
         _no_dirs(out=out, plot=plot)
         res = utilization(model, calib, samples, seq_len, seed, taus, device, log=lambda m: err.print(m, highlight=False))
@@ -471,8 +453,7 @@ def utilization_cmd(
             write_atomic(plot, lambda p: utilization_plot(res, p))
         if out is not None:
             write_json_atomic(out, res, indent=2)
-        if as_json:
-            sys.stdout.write(safejson.dumps(res) + "\n")
+        if emit(res):
             return
         t = Table("layer", "d_in x d_out", *[f"rank @ {x}" for x in taus], title=f"Utilized rank of {model} "
                   f"({res['tokens']} tokens); mean utilization " + ", ".join(f"{res['mean_utilization'][str(x)]:.3f} @ {x}" for x in taus))

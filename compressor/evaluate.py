@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .artifact.reader import load_model
 from .data import eval_windows, read_texts, tokenize
 from .errors import BadInput
-from .models import is_causal_lm, resolve_model
+from .models import is_causal_lm, load_tokenizer, pick_device, resolve_model
 from .modules import dequantize_model
 
 
@@ -70,9 +71,7 @@ def evaluate(target: str, data: list[str | Path], max_tokens: int = 16384, seq_l
              trust_remote_code: bool = False, on_window: Callable[[int, int], None] | None = None,
              verify: bool = True) -> dict[str, Any]:
     """Perplexity (and KL to `base`) of a decoder, or embedding similarity to `base` of an encoder. An artifact
-    (target or base) is checked against its manifest before it is loaded (api.check_artifact) unless not `verify`."""
-    from .api import load, load_tokenizer, pick_device
-
+    (target or base) is checked against its manifest before it is loaded (check_artifact) unless not `verify`."""
     t0 = time.perf_counter()
     if not data:
         raise BadInput("evaluation needs --data FILE")
@@ -81,10 +80,10 @@ def evaluate(target: str, data: list[str | Path], max_tokens: int = 16384, seq_l
     texts = read_texts([Path(d) for d in data])  # bad data files fail before any model is loaded
     dev = pick_device(device)
     src = resolve_model(str(target), allow_pickle, trust_remote_code)
-    model = load(target, str(dev), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, verify=verify)
+    model = load_model(target, str(dev), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, verify=verify)
     if dev.type == "cpu":
         dequantize_model(model)  # same numbers as QuantLinear's reference path, dequantized once
-    base_model = (load(base, str(dev), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, verify=verify)
+    base_model = (load_model(base, str(dev), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, verify=verify)
                   if base else None)
     tokens = tokenize(load_tokenizer(src.path, trust_remote_code), texts)
     limit = getattr(model.config, "max_position_embeddings", None)

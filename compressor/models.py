@@ -5,6 +5,7 @@ A reference is a local HF directory, a .gguf file, a hub id, or `demo` (SmolLM2-
 safetensors files; GGUF and (with --allow-pickle) pickle checkpoints are converted once into a cache.
 Weights are then read lazily, one module at a time (`Checkpoint`, `materialize`), onto a skeleton built
 on the meta device, so a block can be loaded, compressed and dropped without the rest of the model.
+Beside that, the loading primitives every command shares: device, dtype and tokenizer.
 """
 from __future__ import annotations
 
@@ -485,3 +486,35 @@ def load_dense(src: ModelSource, device: str = "cpu", dtype: torch.dtype = torch
     model = skeleton(src.path)
     materialize(model, "", Checkpoint(src.path), device, dtype)
     return model
+
+
+# ---------------------------------------------------------------------------------------------- device, dtype, tokenizer
+
+def pick_device(device: str) -> torch.device:
+    """`--device`: auto (CUDA when there is a GPU, else the CPU), cpu, cuda or cuda:N (BadInput without CUDA)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise BadInput(f"--device {device!r}: expected auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInput(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: float16 on a GPU (where the fused kernels run), float32 on the CPU."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise BadInput(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """The tokenizer of a model directory; its own code runs only with `trust_remote_code`."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import select
 import subprocess
 import sys
 import time
@@ -37,6 +38,8 @@ from .recipe import load_recipe
 from .runner import check_targets
 
 RECORD = "record.json"
+# env of a `compress model` that a sweep starts: the fd of a pipe to the sweep, one JSON line per finished block
+PROGRESS_FD = "COMPRESSOR_PROGRESS_FD"
 Event = Callable[[str, dict[str, Any]], None]
 
 
@@ -63,26 +66,70 @@ def is_encoder(config: dict) -> bool:
     return "CausalLM" not in model_class(cfg).__name__
 
 
-def _child(args: list[str], log: Path | None, on_line: Callable[[str], None] | None) -> dict[str, Any]:
-    """`compress ARGS --json` in a fresh process: its JSON object; its stderr lines go to `log` and `on_line`."""
+def block_reporter() -> Callable[[int, int, str], None] | None:
+    """In a `compress model` that a sweep started: report(i, n, prefix) writes block i of n as one JSON line,
+    {"block": i, "blocks": n, "prefix": prefix}, to the sweep's pipe (PROGRESS_FD). None in any other run."""
+    fd = os.environ.pop(PROGRESS_FD, None)
+    if fd is None:
+        return None
+    pipe = os.fdopen(int(fd), "w", buffering=1)  # line-buffered: each event is in the pipe when written
+
+    def report(i: int, n: int, prefix: str) -> None:
+        pipe.write(json.dumps({"block": i, "blocks": n, "prefix": prefix}) + "\n")
+
+    return report
+
+
+def _read_blocks(fd: int, pending: bytearray, on_block: Callable[[dict[str, Any]], None]) -> None:
+    """Hand every complete JSON line waiting in the pipe `fd` to `on_block`, without waiting for more."""
+    while select.select([fd], [], [], 0)[0]:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:  # the child has exited
+            break
+        pending += chunk
+    *lines, rest = pending.split(b"\n")
+    pending[:] = rest
+    for line in lines:
+        on_block(json.loads(line))
+
+
+def _child(args: list[str], log: Path, on_block: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """`compress ARGS --json` in a fresh process: its JSON object; its stderr lines go to `log` as they come. With
+    `on_block`, each block event the child reports (block_reporter) goes to it: the child writes an event before
+    the block's log line, so the events are read after each line."""
     cmd = [sys.executable, "-m", "compressor.cli", *args, "--json"]
     env = {**os.environ, "COLUMNS": "200"}
+    r = w = None
+    if on_block:
+        r, w = os.pipe()
+        env[PROGRESS_FD] = str(w)
+    pending = bytearray()
     lines = []
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as p, \
-            open(log if log is not None else os.devnull, "w") as logf:
-        try:
-            for line in p.stderr:  # type: ignore[union-attr]
-                lines.append(line)
-                logf.write(line)  # as it comes: `tail -f` shows a long run's progress
-                logf.flush()
-                if on_line:
-                    on_line(line.rstrip("\n"))
-            out = p.stdout.read()  # type: ignore[union-attr]
-            code = p.wait()
-        except BaseException:  # interrupted: the child cleans up its own half-written output, then we go
-            p.terminate()
-            p.wait()
-            raise
+    try:
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              pass_fds=() if w is None else (w,)) as p, open(log, "w") as logf:
+            if w is not None:
+                os.close(w)  # the child holds the writing end: the pipe ends when the child does
+                w = None
+            try:
+                for line in p.stderr:  # type: ignore[union-attr]
+                    lines.append(line)
+                    logf.write(line)  # as it comes: `tail -f` shows a long run's progress
+                    logf.flush()
+                    if r is not None:
+                        _read_blocks(r, pending, on_block)
+                out = p.stdout.read()  # type: ignore[union-attr]
+                code = p.wait()
+                if r is not None:
+                    _read_blocks(r, pending, on_block)
+            except BaseException:  # interrupted: the child cleans up its own half-written output, then we go
+                p.terminate()
+                p.wait()
+                raise
+    finally:
+        for fd in (r, w):
+            if fd is not None:
+                os.close(fd)
     if code != 0:
         tail = "".join(lines[-15:]).strip()
         raise CompressorError(f"`compress {' '.join(args)}` exited {code}" + (f":\n{tail}" if tail else ""))
@@ -96,8 +143,8 @@ def sweep(model: str, recipes: list[str], eval_data: list[str | Path], out: str 
           on_event: Event = lambda kind, info: None) -> dict[str, Any]:
     """Compress `model` with each recipe and evaluate it on `eval_data`; returns {"out", "base", "runs", "failed"}.
 
-    Events for a progress display: ("start", {runs}), ("run", {i, name, stage}), ("line", {text}),
-    ("done", {i, name, record, resumed}), ("failed", {i, name, error})."""
+    Events for a progress display: ("start", {runs}), ("run", {i, name, stage}), ("block", {block, blocks, prefix})
+    while a recipe compresses, ("done", {i, name, record, resumed}), ("failed", {i, name, error})."""
     out = Path(out)
     if not recipes:
         raise BadInput("--recipes is empty: give at least one recipe name or path")
@@ -185,7 +232,7 @@ def _base_record(model: str, config: dict, out: Path, inputs: dict, encoder: boo
     if encoder:  # the base model's embeddings against themselves: cosine 1 by definition, nothing to run
         quality: dict[str, Any] = {"cosine_similarity": 1.0}
     else:
-        res = _child(["eval", model, *eval_args], d / "eval.log", lambda s: on_event("line", {"text": s}))
+        res = _child(["eval", model, *eval_args], d / "eval.log")
         quality = {"perplexity": res["perplexity"], "kl_to_base": 0.0, "tokens": res["tokens"]}
     record = {"name": "base", "key": key, "model": model, "kind": "encoder" if encoder else "decoder",
               "bits_per_weight": 8.0 * _dtype_bytes(config.get("dtype") or config.get("torch_dtype")), "quality": quality,
@@ -212,12 +259,11 @@ def _run(model: str, name: str, rec, key: str, d: Path, inputs: dict, calib, com
         on_event("run", {"i": i, "name": name, "stage": "compressing"})
         args = ["model", model, "--recipe", str(recipe_file), "--out", str(art), "--force", *common]
         args += [x for f in calib or [] for x in ("--calib", str(f))]
-        summary = _child(args, d / "compress.log", lambda s: on_event("line", {"text": s}))
+        summary = _child(args, d / "compress.log", lambda b: on_event("block", b))
         write_json_atomic(summary_file, {**summary, "key": key}, indent=2, sort_keys=True)
     summary = json.loads(summary_file.read_text())
     on_event("run", {"i": i, "name": name, "stage": "evaluating"})
-    res = _child(["eval", str(art), *eval_args, "--base", model], d / "eval.log",
-                 lambda s: on_event("line", {"text": s}))
+    res = _child(["eval", str(art), *eval_args, "--base", model], d / "eval.log")
     quality = {k: res[k] for k in ("perplexity", "kl_to_base", "cosine_similarity", "cosine_similarity_min", "tokens")
                if k in res}
     record = {

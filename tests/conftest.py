@@ -119,9 +119,8 @@ def demo_w4_artifact(tmp_path_factory, demo_path) -> Path:
 def demo_model_and_windows(demo_path: Path, windows: int, seq_len: int):
     """The demo model with all weights in memory (eval mode) and `windows` windows of `seq_len` tokens of Emma
     (seed 0): the module fixtures of the tests that run the whole model."""
-    from compressor.api import load_tokenizer
     from compressor.data import DEFAULT_CORPUS, calibration_windows, read_texts, tokenize
-    from compressor.models import Checkpoint, materialize, skeleton
+    from compressor.models import Checkpoint, load_tokenizer, materialize, skeleton
 
     tokens = tokenize(load_tokenizer(demo_path), read_texts([DEFAULT_CORPUS[0]]))
     ids = calibration_windows(tokens, windows, seq_len, seed=0)
@@ -135,9 +134,8 @@ def demo_block(demo_path: Path, index: int, windows: int, seq_len: int, batch: i
     """Block `index` of the demo model with its calibration data: inputs from the FP blocks before it
     (`windows` windows of `seq_len` tokens of Emma, seed 0, cached in batches of `batch`) and, as targets, the
     FP block's outputs. Returns (block, io); io.layers is empty (block_error_of_pass fills it)."""
-    from compressor.api import load_tokenizer
     from compressor.data import DEFAULT_CORPUS, calibration_windows, read_texts, tokenize
-    from compressor.models import Checkpoint, find_blocks, materialize, skeleton
+    from compressor.models import Checkpoint, find_blocks, load_tokenizer, materialize, skeleton
     from compressor.runner import BlockIO, capture_block_inputs
 
     tokens = tokenize(load_tokenizer(demo_path), read_texts([DEFAULT_CORPUS[0]]))

@@ -208,9 +208,8 @@ def test_evopress_with_a_learned_rounding_candidate(tmp_path, demo_path):
     lower KL than from RTN's (the same grid before learning; measured 0.19 vs 0.62); the artifact holds mixed
     widths (2.5 mixes 2 and 3 from the start) at exactly 2.5."""
     import compressor
-    from compressor.api import load_tokenizer
     from compressor.data import load_windows
-    from compressor.models import Checkpoint, materialize, skeleton
+    from compressor.models import Checkpoint, load_tokenizer, materialize, skeleton
 
     targets = r"re:model\.layers\.[0-1]\.mlp\.\w+_proj$"
     calib = [AUSTEN / "northangerabbey.txt"]
@@ -291,8 +290,8 @@ def test_evopress_pass_end_to_end(tmp_path, demo_path):
     space = E.LevelSpace(tuple(names), tuple(sizes[n] for n in names), (2.0, 3.0, 4.0))
     d = E.Database(db, json.loads((db / "meta.json").read_text())["key"], space)
     assert d.complete()
-    from compressor.api import load_tokenizer
     from compressor.data import load_windows
+    from compressor.models import load_tokenizer
 
     windows, _ = load_windows(load_tokenizer(demo_path), [AUSTEN / "northangerabbey.txt"], 4, 48, 0)
     fit = E.KLFitness(model, windows, names, {n: d.load_layer(n) for n in names}, [4])

@@ -237,8 +237,7 @@ def test_utilization_command_matches_a_direct_computation(tmp_path, tiny_llama, 
     from conftest import run_cli
 
     from compressor.data import load_windows
-    from compressor.api import load_tokenizer
-    from compressor.models import load_dense, resolve_model
+    from compressor.models import load_dense, load_tokenizer, resolve_model
 
     out, plot = tmp_path / "util.json", tmp_path / "util.png"
     r = run_cli("utilization", str(tiny_llama), "--calib", str(small_calib), "--samples", "4", "--seq-len", "32",

@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT, run_cli
 from test_cli import FAST, assert_error, assert_nothing_left, compress_tiny, leftovers, snapshot, write_recipe
 
-from compressor.artifact import ArtifactWriter
+from compressor.artifact.writer import ArtifactWriter
 from compressor.errors import BadInput
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from compressor.artifact import join_safetensors, verify_hashes
+from compressor.artifact.reader import verify_hashes
+from compressor.artifact.writer import join_safetensors
 from compressor.files import sha256_file
 
 from conftest import run_cli
@@ -57,7 +58,7 @@ def test_transformers_opens_asymmetric_artifact_dequantizing(tmp_path, small_cal
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     import compressor
-    from compressor.api import describe, transformers_check
+    from compressor.artifact.reader import describe, transformers_check
     from compressor.modules import QuantLinear
 
     recipe = tmp_path / "w4-asym-channel.yaml"

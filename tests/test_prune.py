@@ -208,7 +208,7 @@ def _prune_recipe(tmp_path, allocation: str, then_gptq: bool = False) -> str:
 def uniform_pruned(tmp_path_factory, demo_path, persuasion):
     """The uniform 60% artifact and its held-out perplexity (both end-to-end tests compare with it)."""
     import compressor
-    from compressor.api import evaluate
+    from compressor.evaluate import evaluate
 
     tmp = tmp_path_factory.mktemp("uniform")
     out = tmp / "uniform"
@@ -242,7 +242,7 @@ def test_dp_allocation_beats_uniform_on_held_out_text(tmp_path, demo_path, persu
     1024 tokens) than the same sparsity in every layer, and the artifact holds exactly the planned sparsity.
     Measured (2048 tokens): base 45.16, DP 61.24, uniform 133.48."""
     import compressor
-    from compressor.api import evaluate
+    from compressor.evaluate import evaluate
 
     out = tmp_path / "dp"
     compressor.compress("demo", _prune_recipe(tmp_path, "dp"), out, calib=[NORTHANGER], device="cpu")
@@ -261,7 +261,7 @@ def test_prune_then_gptq_keeps_the_zeros(tmp_path, demo_path, persuasion, unifor
     import json
 
     import compressor
-    from compressor.api import evaluate
+    from compressor.evaluate import evaluate
 
     out = tmp_path / "pq"
     compressor.compress("demo", _prune_recipe(tmp_path, "uniform", then_gptq=True), out, calib=[NORTHANGER],

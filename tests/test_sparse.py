@@ -18,8 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from compressor.api import add_block, finish_artifact, layer_entry, load, manifest_sizes
-from compressor.artifact import ArtifactWriter, ct_layer_schemes, ct_quantization_config, ct_sparse_layers
+from compressor.api import add_block, finish_artifact, load
+from compressor.artifact.manifest import ct_quantization_config, layer_entry, manifest_sizes
+from compressor.artifact.reader import ct_layer_schemes, ct_sparse_layers
+from compressor.artifact.writer import ArtifactWriter
 from compressor.models import Checkpoint, find_blocks, resolve_model, skeleton
 from compressor.quant import QWeight, pack_int32, qweight_from_tensors, quantize_rtn, unpack_int32
 from compressor.runner import BlockResult
@@ -355,7 +357,7 @@ def test_inspect_shows_sparsity(pruned_demo, monkeypatch):
     from typer.testing import CliRunner
 
     from compressor import cli
-    from compressor.api import describe
+    from compressor.artifact.reader import describe
 
     art, _ = pruned_demo
     info = describe(art)

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from compressor.api import describe, verify
+from compressor.api import verify
+from compressor.artifact.reader import describe
 
 from conftest import ROOT, run_cli
 from test_cli import FAST, assert_error

@@ -1,7 +1,7 @@
-"""Writing and reading the artifact directory (DESIGN.md §4).
+"""Writing the artifact directory (DESIGN.md §4): output checks, the temporary sibling, parts, the commit.
 
 The artifact is written block by block: each finished block goes to a part file in a temporary sibling
-directory as soon as it is done, and `finalize` joins the parts into model.safetensors (shards with an
+directory as soon as it is done, and `join_parts` joins the parts into model.safetensors (shards with an
 index above 5 GB) by copying bytes, one tensor at a time, so no step holds the model in memory. The
 temporary directory is renamed onto the output at the very end; any failure or Ctrl-C removes it and
 leaves an existing output untouched.
@@ -21,13 +21,10 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import save_file
 
-from . import safejson
-from .files import sha256_file
-from .errors import BadInput, CompressorError
-from .models import read_json_object
+from .. import safejson
+from ..errors import BadInput, CompressorError
 
 SHARD_BYTES = 5 * 1024**3
-FORMAT_VERSION = 1
 
 
 def check_output(out: Path, force: bool, source: Path | None = None) -> None:
@@ -256,181 +253,3 @@ def join_safetensors(parts: list[Path], out_dir: Path, shard_bytes: int = SHARD_
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         files.append(out_dir / "model.safetensors.index.json")
     return files
-
-
-MANIFEST = "compression.json"
-MANIFEST_DIGEST = "compression.json.sha256"  # sidecar: the manifest's own sha256, in `sha256sum` format, written last
-
-
-def file_hashes(files: list[Path]) -> dict[str, str]:
-    return {f.name: sha256_file(f) for f in sorted(files)}
-
-
-def manifest_digest_line(digest: str) -> str:
-    """The sidecar's text: `sha256sum -c compression.json.sha256` checks it in the artifact directory."""
-    return f"{digest}  {MANIFEST}\n"
-
-
-def read_manifest(path: Path) -> dict:
-    """compression.json of an artifact (BadInput if it is missing, unreadable or not a manifest's shape)."""
-    f = Path(path) / MANIFEST
-    if f.is_symlink() or not f.is_file():
-        raise BadInput(f"{path} is not a compressor artifact (no {MANIFEST}" + (" file: it is a symlink)" if f.is_symlink() else ")"))
-    manifest = read_json_object(f)
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
-        raise BadInput(f"{f}: `files` is not a mapping of file names to sha256 digests")
-    layers = manifest.get("layers", {})
-    if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
-        raise BadInput(f"{f}: `layers` is not a mapping of layer names to entries")
-    return manifest
-
-
-def manifest_check(path: Path) -> tuple[str, str | None]:
-    """(sha256 of compression.json, the problem or None): the digest must equal the one in the sidecar
-    compression.json.sha256. An artifact without the sidecar (written before it existed, or with it removed)
-    is refused: its manifest cannot be told from an edited one."""
-    path = Path(path)
-    digest = sha256_file(path / MANIFEST)
-    side = path / MANIFEST_DIGEST
-    if side.is_symlink() or not side.is_file():
-        return digest, (f"{MANIFEST_DIGEST} is missing, so {MANIFEST} cannot be checked (an artifact written before "
-                        "compressor recorded it: compress it again)" if not side.is_symlink()
-                        else f"{MANIFEST_DIGEST} is a symlink, not a file of the artifact")
-    recorded = side.read_bytes().split(maxsplit=1)[:1]
-    if recorded != [digest.encode()]:
-        return digest, f"{MANIFEST} was changed after it was written (its sha256 {digest} is not the one in {MANIFEST_DIGEST})"
-    return digest, None
-
-
-def bad_file_name(name: str) -> bool:
-    """A `files` entry that is not a plain file name inside the artifact directory."""
-    return (not name or ".." in name or "/" in name or "\\" in name or "\0" in name or os.sep in name
-            or Path(name).is_absolute())
-
-
-def verify_hashes(path: Path, manifest: dict) -> list[str]:
-    """The artifact's problems, one line each ([] when it is intact): the manifest's own digest (manifest_check);
-    every name in `files` a plain name, a regular file of the directory (no symlink) with that sha256; every entry of
-    the directory listed (all the loaders read is then hashed), compression.json and its sidecar aside; config.json
-    listed. A missing or extra file, a symlink, a name reaching outside: each is a mismatch."""
-    path = Path(path)
-    _, problem = manifest_check(path)
-    bad = [problem] if problem else []
-    files = manifest.get("files", {})
-    for name, digest in sorted(files.items()):
-        f = path / name
-        if bad_file_name(name):  # with no separator and no symlink, nothing outside the directory is read
-            bad.append(f"{name!r}: not a file name inside the artifact")
-        elif f.is_symlink():
-            bad.append(f"{name}: a symlink (the files of an artifact are regular files)")
-        elif not f.exists():
-            bad.append(f"{name}: missing")
-        elif not f.is_file():
-            bad.append(f"{name}: not a regular file")
-        elif sha256_file(f) != digest:
-            bad.append(f"{name}: sha256 differs")
-    for f in sorted(path.iterdir()):
-        if f.name in (MANIFEST, MANIFEST_DIGEST) or f.name in files:
-            continue
-        kind = "symlink" if f.is_symlink() else "file" if f.is_file() else "directory" if f.is_dir() else "entry"
-        bad.append(f"{f.name}: a {kind} not listed in {MANIFEST}")
-    if "config.json" not in files:
-        bad.append(f"config.json: not listed in {MANIFEST}")
-    return bad
-
-
-SPARSE_BITMASK = "sparse-bitmask"  # compression.json `format` of a SparseWeight layer (compressed-tensors' name)
-MASKED_QUANT = "pack-quantized+bitmask"  # of a pruned + quantized layer (our extension)
-
-
-def ct_quantization_config(layers: dict[str, dict], unquantized_linears: list[str]) -> dict:
-    """compressed-tensors `quantization_config`: one config group per (bits, group size, symmetry), each
-    with explicit module-name targets, so mixed settings per layer load in transformers and vLLM.
-
-    Layers pruned but not quantized (`format` "sparse-bitmask" in `layers`) are in no config group; they go into
-    a `sparsity_config` (compressed-tensors' BitmaskConfig, as releases with a sparse-bitmask compressor wrote it:
-    format, explicit targets, ignore null, global_sparsity = the fraction pruned over those layers, and
-    sparsity_structure). Like compressed-tensors' own configs, `ignore` lists every Linear that is not
-    quantized, these included: it only concerns quantization. Without any quantized layer, the config is what
-    compressed-tensors wrote for a sparse-only model: quant_method and sparsity_config alone."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
-
-    sparse = {n: v for n, v in layers.items() if v.get("format") == SPARSE_BITMASK}
-    factored = [n for n, v in layers.items() if v.get("format") == "lowrank"]  # our extension: outside both configs
-    quantized = {n: v for n, v in layers.items() if n not in sparse and n not in factored}
-    groups: dict[tuple, list[str]] = {}
-    for name, info in sorted(quantized.items()):
-        groups.setdefault((info["bits"], info["group_size"], info["symmetric"]), []).append(name)
-    config_groups = {}
-    for i, ((bits, g, sym), names) in enumerate(sorted(groups.items())):
-        strategy = dict(strategy="channel") if g == -1 else dict(strategy="group", group_size=g)
-        args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, **strategy)
-        config_groups[f"group_{i}"] = QuantizationScheme(targets=names, weights=args, format="pack-quantized")
-    if config_groups:
-        qc = QuantizationConfig(config_groups=config_groups, format="pack-quantized", quantization_status="compressed",
-                                ignore=sorted([*unquantized_linears, *sparse, *factored]))
-        out = qc.model_dump(mode="json")
-    else:
-        out = {"quant_method": "compressed-tensors"}
-    if sparse:
-        out["sparsity_config"] = ct_sparsity_config(sparse)
-    return out
-
-
-def ct_sparsity_config(sparse: dict[str, dict]) -> dict:
-    """The `sparsity_config` of the sparse-bitmask layers (compression.json entries with shape, sparsity and
-    sparsity_structure): one structure when all share it, else "unstructured" (no claim)."""
-    from compressed_tensors.config import BitmaskConfig
-
-    total = sum(v["shape"][0] * v["shape"][1] for v in sparse.values())
-    pruned = sum(v["sparsity"] * v["shape"][0] * v["shape"][1] for v in sparse.values())
-    structures = {v["sparsity_structure"] for v in sparse.values()}
-    cfg = BitmaskConfig(targets=sorted(sparse), global_sparsity=round(pruned / max(total, 1), 6),
-                        sparsity_structure=structures.pop() if len(structures) == 1 else "unstructured")
-    return cfg.model_dump(mode="json")
-
-
-def ct_sparse_layers(qc: dict, linears: list[tuple[str, str]]) -> list[str]:
-    """The Linears (name, class name) a `sparsity_config` in sparse-bitmask format names (exact name, `re:` regex
-    or class name, less its ignore list); [] without one. Other sparse formats are refused."""
-    from .recipe import matches
-
-    sc = qc.get("sparsity_config")
-    if not sc or sc.get("format") == "dense":
-        return []
-    if sc.get("format") != SPARSE_BITMASK:
-        raise BadInput(f"sparsity_config format {sc.get('format')!r}: only sparse-bitmask is supported")
-
-    def hit(target: str, name: str, cls: str) -> bool:
-        return target == cls or target == name or (target.startswith("re:") and matches(target, name))
-
-    targets = sc.get("targets") or ["Linear"]  # compressed-tensors: no targets means every layer
-    ignore = sc.get("ignore") or []
-    return [name for name, cls in linears
-            if any(hit(t, name, cls) for t in targets) and not any(hit(t, name, cls) for t in ignore)]
-
-
-def ct_layer_schemes(qc: dict, linears: list[tuple[str, str]]) -> dict[str, tuple[int, int, bool]]:
-    """Which Linear (name, class name) gets which (bits, group_size, symmetric) under a compressed-tensors
-    quantization_config. Only integer weight-only pack-quantized groups are understood."""
-    from .recipe import matches
-
-    def hit(target: str, name: str, cls: str) -> bool:
-        return target == cls or (target.startswith("re:") and matches(target, name)) or target == name
-
-    out = {}
-    fmt = qc.get("format")
-    for name, cls in linears:
-        if any(hit(t, name, cls) or matches(t, name) for t in qc.get("ignore") or []):
-            continue
-        for gname, group in (qc.get("config_groups") or {}).items():
-            if not any(hit(t, name, cls) for t in group.get("targets", [])):
-                continue
-            w = group.get("weights") or {}
-            if (group.get("format") or fmt) != "pack-quantized" or w.get("type") != "int" or group.get("input_activations"):
-                raise BadInput(f"config group {gname}: only int weight-only pack-quantized layers are supported")
-            g = -1 if w.get("strategy") == "channel" else int(w["group_size"])
-            out[name] = (int(w["num_bits"]), g, bool(w.get("symmetric", True)))
-            break
-    return out

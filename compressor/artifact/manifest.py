@@ -1,0 +1,193 @@
+"""The artifact's contents (DESIGN.md §4): compression.json's names, per-layer entries and sizes, the
+compressed-tensors `quantization_config` written into config.json, and the record of the source model.
+What the writer writes besides the tensors (`write_metadata`) is decided here; reading it back is reader.py's."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .. import __version__
+from ..files import sha256_file
+from ..lowrank import LOWRANK, LowRankWeight
+from ..models import PICKLE_SUFFIXES, ModelSource, copied_files, safetensors_files
+from ..quant import QWeight
+from ..sparse import SparseWeight
+from .writer import ArtifactWriter
+
+FORMAT_VERSION = 1
+MANIFEST = "compression.json"
+MANIFEST_DIGEST = "compression.json.sha256"  # sidecar: the manifest's own sha256, in `sha256sum` format, written last
+SPARSE_BITMASK = "sparse-bitmask"  # compression.json `format` of a SparseWeight layer (compressed-tensors' name)
+MASKED_QUANT = "pack-quantized+bitmask"  # of a pruned + quantized layer (our extension)
+
+
+def file_hashes(files: list[Path]) -> dict[str, str]:
+    return {f.name: sha256_file(f) for f in sorted(files)}
+
+
+def manifest_digest_line(digest: str) -> str:
+    """The sidecar's text: `sha256sum -c compression.json.sha256` checks it in the artifact directory."""
+    return f"{digest}  {MANIFEST}\n"
+
+
+def layer_entry(w: "QWeight | SparseWeight | LowRankWeight", pass_name: str, rel_err: float) -> dict[str, Any]:
+    """compression.json's entry of one compressed layer. A pruned layer adds `format` ("sparse-bitmask": pruned, not
+    quantized, compressed-tensors' layout; "pack-quantized+bitmask": pruned and quantized, our extension),
+    `sparsity` (fraction pruned) and `sparsity_structure`; a sparse-bitmask layer has no integer grid (`bits`,
+    `group_size`, `symmetric` null) and says the dtype its kept values are stored in."""
+    n, k = w.shape
+    if isinstance(w, LowRankWeight):  # our extension: two factors instead of the weight (DESIGN.md section 4)
+        entry = {"pass": pass_name, "format": LOWRANK, "bits": None, "dtype": str(w.a.dtype).removeprefix("torch."),
+                 "rank": w.rank, "group_size": None, "requested_group_size": None, "symmetric": None, "shape": [n, k],
+                 "bits_per_weight": round(w.storage_bits() / (n * k), 4), "weight_rel_err": round(rel_err, 6)}
+        return entry
+    if isinstance(w, SparseWeight):
+        entry: dict[str, Any] = {"pass": pass_name, "format": SPARSE_BITMASK, "bits": None,
+                                 "dtype": str(w.weight.dtype).removeprefix("torch."), "group_size": None,
+                                 "requested_group_size": None, "symmetric": None, "shape": [n, k]}
+    else:
+        entry = {"pass": pass_name, "bits": w.bits, "group_size": w.group_size,
+                 "requested_group_size": w.requested_group_size, "symmetric": w.symmetric, "shape": [n, k]}
+        if w.sparse is not None:  # our extension: a CSR float16 residual (DESIGN.md section 4)
+            entry["sparse"] = {"format": "csr-float16", "nnz": w.sparse.nnz,
+                               "fraction": round(w.sparse.nnz / (n * k), 6),
+                               "bits_per_weight": round(w.sparse.storage_bits((n, k)) / (n * k), 4)}
+        if w.mask is not None:
+            entry["format"] = MASKED_QUANT
+    if isinstance(w, SparseWeight) or w.mask is not None:
+        entry["sparsity"] = round(w.sparsity, 6)
+        entry["sparsity_structure"] = w.structure()
+    entry["bits_per_weight"] = round(w.storage_bits() / (n * k), 4)
+    entry["weight_rel_err"] = round(rel_err, 6)
+    return entry
+
+
+def manifest_sizes(layers: dict[str, dict]) -> dict[str, Any]:
+    """The manifest's counts over the compressed layers: bits_per_weight (all they store, scales, zero points,
+    residuals, bitmasks and index included, per weight), quantized_params (weights of quantized layers, pruned
+    ones included), the per-layer entries and `extensions`; with pruning also sparse_params (weights of the
+    sparse-bitmask layers) and sparsity (fraction pruned over all compressed layers)."""
+    def size(v: dict) -> int:
+        return v["shape"][0] * v["shape"][1]
+
+    factors = {n for n in layers if layers.get(n.rpartition(".")[0], {}).get("format") == LOWRANK}
+    # a quantized factor of a factorised layer: its bits count, its numbers are the layer's (counted once)
+    qparams = sum(size(v) for n, v in layers.items() if v.get("format") != SPARSE_BITMASK and n not in factors)
+    sparams = sum(size(v) for v in layers.values() if v.get("format") == SPARSE_BITMASK)
+    qbits = sum(v["bits_per_weight"] * size(v) for v in layers.values())
+    extensions = []
+    if any("sparse" in v for v in layers.values()):
+        extensions.append("sparse_residual")
+    if any(v.get("format") == MASKED_QUANT for v in layers.values()):
+        extensions.append("sparse_bitmask_quantized")
+    if any(v.get("format") == LOWRANK for v in layers.values()):
+        extensions.append("lowrank")
+    out = {"bits_per_weight": round(qbits / max(qparams + sparams, 1), 4), "quantized_params": qparams,
+           "layers": layers, "extensions": extensions}
+    if any("sparsity" in v for v in layers.values()):
+        pruned = sum(v.get("sparsity", 0.0) * size(v) for v in layers.values())
+        out["sparse_params"] = sparams
+        out["sparsity"] = round(pruned / max(qparams + sparams, 1), 6)
+    return out
+
+
+def write_metadata(writer: ArtifactWriter, skel: nn.Module, src: ModelSource, layers: dict[str, dict],
+                   recipe_yaml: str, info: dict[str, Any]) -> dict[str, Any]:
+    """After the tensors: config.json (quantization_config), tokenizer files, recipe.yaml and compression.json
+    (`info`: source, recipe, calibration, metrics, warnings), sealed by its sidecar. Returns the manifest."""
+    linears = [n for n, m in skel.named_modules() if isinstance(m, nn.Linear)]
+    config = src.config
+    config["quantization_config"] = ct_quantization_config(layers, [n for n in linears if n not in layers])
+    writer.write_json("config.json", config)
+    for f in copied_files(src.path):  # checked again: each a regular file inside the source
+        writer.copy_in(f)
+    writer.write_text("recipe.yaml", recipe_yaml)
+    manifest = {"format_version": FORMAT_VERSION, "tool": "compressor", "tool_version": __version__,
+                "compressed_tensors_version": _ct_version(), **info, **manifest_sizes(layers)}
+    files = writer.files()
+    manifest["size_bytes"] = sum(f.stat().st_size for f in files)
+    manifest["files"] = file_hashes(files)
+    writer.write_json(MANIFEST, manifest)
+    writer.write_text(MANIFEST_DIGEST, manifest_digest_line(sha256_file(writer.tmp / MANIFEST)))  # last: seals it
+    return manifest
+
+
+def _ct_version() -> str | None:
+    try:
+        import compressed_tensors
+
+        return compressed_tensors.__version__
+    except ImportError:
+        return None
+
+
+def ct_quantization_config(layers: dict[str, dict], unquantized_linears: list[str]) -> dict:
+    """compressed-tensors `quantization_config`: one config group per (bits, group size, symmetry), each
+    with explicit module-name targets, so mixed settings per layer load in transformers and vLLM.
+
+    Layers pruned but not quantized (`format` "sparse-bitmask" in `layers`) are in no config group; they go into
+    a `sparsity_config` (compressed-tensors' BitmaskConfig, as releases with a sparse-bitmask compressor wrote it:
+    format, explicit targets, ignore null, global_sparsity = the fraction pruned over those layers, and
+    sparsity_structure). Like compressed-tensors' own configs, `ignore` lists every Linear that is not
+    quantized, these included: it only concerns quantization. Without any quantized layer, the config is what
+    compressed-tensors wrote for a sparse-only model: quant_method and sparsity_config alone."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    sparse = {n: v for n, v in layers.items() if v.get("format") == SPARSE_BITMASK}
+    factored = [n for n, v in layers.items() if v.get("format") == "lowrank"]  # our extension: outside both configs
+    quantized = {n: v for n, v in layers.items() if n not in sparse and n not in factored}
+    groups: dict[tuple, list[str]] = {}
+    for name, info in sorted(quantized.items()):
+        groups.setdefault((info["bits"], info["group_size"], info["symmetric"]), []).append(name)
+    config_groups = {}
+    for i, ((bits, g, sym), names) in enumerate(sorted(groups.items())):
+        strategy = dict(strategy="channel") if g == -1 else dict(strategy="group", group_size=g)
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, **strategy)
+        config_groups[f"group_{i}"] = QuantizationScheme(targets=names, weights=args, format="pack-quantized")
+    if config_groups:
+        qc = QuantizationConfig(config_groups=config_groups, format="pack-quantized", quantization_status="compressed",
+                                ignore=sorted([*unquantized_linears, *sparse, *factored]))
+        out = qc.model_dump(mode="json")
+    else:
+        out = {"quant_method": "compressed-tensors"}
+    if sparse:
+        out["sparsity_config"] = ct_sparsity_config(sparse)
+    return out
+
+
+def ct_sparsity_config(sparse: dict[str, dict]) -> dict:
+    """The `sparsity_config` of the sparse-bitmask layers (compression.json entries with shape, sparsity and
+    sparsity_structure): one structure when all share it, else "unstructured" (no claim)."""
+    from compressed_tensors.config import BitmaskConfig
+
+    total = sum(v["shape"][0] * v["shape"][1] for v in sparse.values())
+    pruned = sum(v["sparsity"] * v["shape"][0] * v["shape"][1] for v in sparse.values())
+    structures = {v["sparsity_structure"] for v in sparse.values()}
+    cfg = BitmaskConfig(targets=sorted(sparse), global_sparsity=round(pruned / max(total, 1), 6),
+                        sparsity_structure=structures.pop() if len(structures) == 1 else "unstructured")
+    return cfg.model_dump(mode="json")
+
+
+def source_files(path: Path) -> list[Path]:
+    """The files a load of a model reference reads its weights from: a .gguf file itself; in a directory config.json
+    and the *.safetensors files (or, without any, the pickle checkpoints)."""
+    if path.is_file():
+        return [path]
+    weights = safetensors_files(path) or sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    return [f for f in [path / "config.json", *weights] if f.is_file()]
+
+
+def source_record(ref: str, src: ModelSource) -> dict[str, Any]:
+    """compression.json's `source`: the reference as given and its kind; for a local one the absolute path it
+    resolved to, and (but for `demo`, found the same anywhere) the sha256 of the files it was read from
+    (source_files), so that verify compares against this model from any directory and only while it is unchanged."""
+    out: dict[str, Any] = {"ref": ref, "kind": src.kind}
+    if src.kind == "demo":
+        return out
+    where = src.path if src.kind == "hub" else Path(ref).expanduser().resolve()
+    if src.kind != "hub":
+        out["path"] = str(where)
+    out["sha256"] = file_hashes(source_files(where))
+    return out
