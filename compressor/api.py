@@ -645,7 +645,7 @@ def sensitivity(model: str = "demo", recipe: str | Path = "w3g64-rtn", calib: li
     """`compress sensitivity`: how well each estimate predicts the loss change dF = F(w~) - F(w) that quantizing
     the model with `recipe` causes, F the mean next-token NLL on the calibration windows: PQI at each number of
     intervals, and the first- and second-order Taylor estimates at w (pqi.py)."""
-    from . import pqi
+    from . import measure as pqi
 
     if not intervals or min(intervals) < 1:
         raise BadInput(f"--intervals must be positive integers, got {list(intervals)}")
@@ -688,7 +688,7 @@ def utilization(model: str = "demo", calib: list[str | Path] | None = None, samp
     """`compress utilization`: every Linear's utilized rank (compressor/lowrank.py) on the FP model, block by block:
     the input subspace from the calibration inputs' second moment, the output subspace from the input-projected
     layer's outputs, at each energy threshold tau; and the mean layer utilization (rank / min(d_in, d_out))."""
-    from . import lowrank as LR
+    from .algorithms import lowrank as LR
     from .runner import stream_fp_layers
 
     check_window_request(samples, seq_len)  # before anything is loaded

@@ -1,5 +1,5 @@
-"""EvoPress (compressor/evopress.py): per-layer compression levels found by evolutionary search under a global
-budget, in one of three level spaces (`space`):
+"""EvoPress (algorithms/evopress.py): per-layer compression levels found by evolutionary search under a global budget,
+in one of three level spaces (`space`):
 
 - `bits`: every target Linear at a bit width of `levels` (default 2..6), `target` bits per weight on average
   (nominal widths); each layer is then quantized at its width by the `candidate` pass (rtn, gptq, flexround or
@@ -26,17 +26,22 @@ The assignment ({layer: {bits}}, {layer: {sparsity}} or {layer: {dropped}}) goes
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field
-from torch import nn
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 
-from .. import evopress as E
-from .. import prune as P
+from .. import measure
+from ..algorithms import evopress as E
+from ..algorithms import prune as P
 from ..errors import BadInput
-from ..files import cache_dir
+from ..files import cache_dir, sha256_file, write_atomic
 from . import PASSES, QuantConfig, register_pass
 
 if TYPE_CHECKING:
@@ -112,6 +117,65 @@ class EvoPressConfig(QuantConfig):
         return PASSES[self.candidate].config.model_validate({**shared, **self.candidate_options, "bits": bits})
 
 
+# ------------------------------------------------------------------------------------------ database, checkpoint
+
+def database_key(parts: dict) -> str:
+    """16 hex digits of the sha256 of `parts` as sorted JSON: names a database, a search checkpoint, a trace."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Database:
+    """Compressed variants of every layer at every level, one safetensors file per layer under `root`
+    (tensor "level{k}", float16, the dequantized weight; the key in its metadata), and meta.json (the key, levels,
+    layers), written last. A build that stopped part way resumes: a block whose layers' files all carry the key is
+    kept (only its FP forward runs again)."""
+
+    def __init__(self, root: Path, key: str, space: E.LevelSpace):
+        self.root, self.key, self.space = Path(root), key, space
+
+    def complete(self) -> bool:
+        meta = self.root / "meta.json"
+        if not meta.is_file():
+            return False
+        m = json.loads(meta.read_text())
+        return m.get("key") == self.key and all((self.root / f"{n}.safetensors").is_file() for n in self.space.layers)
+
+    def write_layer(self, name: str, variants: list[Tensor]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tensors = {f"level{k}": v.detach().to(torch.float16).contiguous().cpu() for k, v in enumerate(variants)}
+        write_atomic(self.root / f"{name}.safetensors", lambda p: save_file(tensors, str(p), metadata={"key": self.key}))
+
+    def has_layer(self, name: str) -> bool:
+        """The layer's variants are on disk, written under this database's key (by this build or an earlier,
+        interrupted one)."""
+        f = self.root / f"{name}.safetensors"
+        if not f.is_file():
+            return False
+        try:
+            with safe_open(str(f), "pt") as h:
+                return (h.metadata() or {}).get("key") == self.key
+        except Exception:  # a truncated or foreign file: built again
+            return False
+
+    def finish(self) -> None:
+        (self.root / "meta.json").write_text(json.dumps({"key": self.key, "levels": list(self.space.values),
+                                                         "layers": list(self.space.layers)}, indent=1))
+
+    def load_layer(self, name: str) -> list[Tensor]:
+        t = load_file(str(self.root / f"{name}.safetensors"))
+        return [t[f"level{k}"] for k in range(len(self.space.values))]
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.root.glob("*.safetensors"))
+
+
+def search_checkpoint(path: Path) -> dict[str, Any]:
+    """E.evolve's resume / on_checkpoint kept in a JSON file: read when it is there, rewritten (atomically) after
+    every generation."""
+    return {"resume": json.loads(path.read_text()) if path.is_file() else None,
+            "on_checkpoint": lambda state: write_atomic(path, lambda p: p.write_text(json.dumps(state)))}
+
+
 def _db_root(cfg: EvoPressConfig, key: str) -> Path:
     if cfg.database:
         return Path(cfg.database)
@@ -142,7 +206,7 @@ def _block_variants(cfg: EvoPressConfig, block: nn.Module, prefix: str, inputs: 
 
 
 @torch.no_grad()
-def build_database(inp: "PlanInput", cfg: EvoPressConfig, db: E.Database) -> None:
+def build_database(inp: "PlanInput", cfg: EvoPressConfig, db: Database) -> None:
     """Every target layer at every level, block by block on the FP model (one block in memory)."""
     from ..models import find_blocks, materialize, release
     from ..runner import BlockIO, Context, _hidden_size, cache_device, capture_block_inputs
@@ -204,34 +268,32 @@ def _search(inp: "PlanInput", cfg: EvoPressConfig, space: E.LevelSpace, variants
             start: E.State, trace_dir: Path, extra: dict, identity: dict) -> E.State:
     """The evolution on the FP model (materialized here) with the KL fitness; the trace goes to `trace_dir`.
     `identity`: what the variants come from (the model files' digests, the database key), for the checkpoint's key."""
-    import json
-
     from ..models import materialize, release
 
     ctx = inp.ctx
     pool = inp.windows[: cfg.fitness_samples, : cfg.fitness_seq_len]
     # the search's checkpoint: keyed by what its course depends on (not `generations`: more of them extend it)
-    ck_key = E.database_key({"spec": {k: v for k, v in inp.spec.to_yaml_dict().items() if k != "generations"},
-                             **identity, "pool": E.database_key({"w": pool.tolist()}), "device": str(ctx.device)})
+    ck_key = database_key({"spec": {k: v for k, v in inp.spec.to_yaml_dict().items() if k != "generations"},
+                             **identity, "pool": database_key({"w": pool.tolist()}), "device": str(ctx.device)})
     trace_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = trace_dir / f"search-{ck_key}.json"
     if checkpoint.is_file():
         ctx.log(f"evopress: going on from the search checkpoint {checkpoint}")
     materialize(inp.model, "", inp.ckpt, ctx.device)
     try:
-        fit = E.KLFitness(inp.model, pool, space.layers, variants, cfg.stage_windows, cfg.topk, ctx.device,
+        fit = measure.KLFitness(inp.model, pool, space.layers, variants, cfg.stage_windows, cfg.topk, ctx.device,
                           getattr(torch, cfg.fitness_dtype), cfg.fitness)
         unit = {"bits": "bits", "sparsity": "sparsity", "depth": "dropped"}[cfg.space]
         label = "KL" if cfg.fitness == "kl" else "log-perplexity"
         state, trace = E.evolve(space, fit, start, cfg.generations, cfg.offspring, cfg.survivors, seed=ctx.seed,
                                 on_generation=lambda g: ctx.log(f"evopress generation {g['generation']}/{cfg.generations}: "
                                                                 f"{label} {g['fitness']:.5f}, {g['average']:.3f} {unit}, {g['seconds']:.0f} s"),
-                                checkpoint=checkpoint)
+                                **search_checkpoint(checkpoint))
         start_fit = fit.kl(start, list(range(len(pool)))) if cfg.generations else None
         final_fit = fit.kl(state, list(range(len(pool)))) if cfg.generations else None
     finally:
         release(inp.model, "")
-    (trace_dir / f"trace-{E.database_key(inp.spec.to_yaml_dict())}.json").write_text(json.dumps(
+    (trace_dir / f"trace-{database_key(inp.spec.to_yaml_dict())}.json").write_text(json.dumps(
         {"space": cfg.space, "target": cfg.target, "start_average": space.average(start), "average": space.average(state),
          "start_fitness_pool": start_fit, "final_fitness_pool": final_fit, "generations": trace.to_json(), **extra},
         indent=1))
@@ -242,7 +304,6 @@ def _search(inp: "PlanInput", cfg: EvoPressConfig, space: E.LevelSpace, variants
 
 def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
     """The level of every layer (see the module docstring)."""
-    from ..files import sha256_file
     from ..models import find_blocks, materialize, release
 
     cfg: EvoPressConfig = inp.spec.config  # type: ignore[assignment]
@@ -257,7 +318,7 @@ def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
         materialize(model, "", inp.ckpt, ctx.device)
         try:
             blocks_prefix, blocks = find_blocks(model)
-            infl = E.subblock_influence(model, blocks, inp.windows[: cfg.fitness_samples, : cfg.fitness_seq_len],
+            infl = measure.subblock_influence(model, blocks, inp.windows[: cfg.fitness_samples, : cfg.fitness_seq_len],
                                         tuple(c for c, _ in SUBBLOCKS), ctx.device)
             variants = {out_proj[u]: [model.get_submodule(out_proj[u]).weight.data.clone().cpu(),
                                       torch.zeros_like(model.get_submodule(out_proj[u]).weight.data).cpu()] for u in units}
@@ -283,12 +344,12 @@ def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
     sizes = tuple(model.get_submodule(n).weight.numel() for n in layers)
     space = E.LevelSpace(tuple(layers), sizes, tuple(cfg.level_values))
     data = cfg.space == "bits" and PASSES[cfg.candidate].needs_data
-    key = E.database_key({"model": model_digests, "space": cfg.space,
+    key = database_key({"model": model_digests, "space": cfg.space,
                           "candidate": cfg.candidate if cfg.space == "bits" else "magnitude",
                           "options": cfg.candidate_config(int(cfg.level_values[0])).model_dump() if cfg.space == "bits" else {},
                           "levels": cfg.level_values, "layers": layers,
-                          "windows": E.database_key({"w": inp.windows.tolist()}) if data else None})
-    db = E.Database(_db_root(cfg, key), key, space)
+                          "windows": database_key({"w": inp.windows.tolist()}) if data else None})
+    db = Database(_db_root(cfg, key), key, space)
     if db.complete():
         ctx.log(f"evopress: database {db.root} (reused)")
     else:

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from ..prune import keep_pruned_zero
+from ..algorithms.prune import keep_pruned_zero
 from ..quant import QWeight, quantize_rtn
 from . import QuantConfig, layer_group_size, register_pass
 
