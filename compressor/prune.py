@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from . import sparse
 from .allocate import allocate
+from .blocks import BlockIO, capture_block_inputs
 from .errors import BadInput
 
 if TYPE_CHECKING:
@@ -232,7 +233,6 @@ class BlockStreams:
 
     def __init__(self, model: nn.Module, windows: Tensor, batch_size: int, device: torch.device):
         from .models import find_blocks
-        from .runner import BlockIO, capture_block_inputs
 
         self.prefix, self.blocks = find_blocks(model)
         inputs, self.kwargs = capture_block_inputs(model, self.blocks[0], windows, batch_size, device)
@@ -246,8 +246,6 @@ class BlockStreams:
 
     @torch.no_grad()
     def run_from(self, start: int, stop: int | None = None) -> list[Tensor]:
-        from .runner import BlockIO
-
         h = self.inputs[start]
         for i in range(start, len(self.blocks) if stop is None else stop):
             h = BlockIO(f"{self.prefix}.{i}", h, self.kwargs, {}).forward(self.blocks[i])

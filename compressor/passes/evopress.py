@@ -35,13 +35,14 @@ from torch import nn
 
 from .. import evopress as E
 from .. import prune as P
+from ..blocks import BlockIO, Context, activation_bytes, cache_device, capture_block_inputs, hidden_size
 from ..errors import BadInput
 from ..files import cache_dir
 from . import PASSES, QuantConfig, register_pass
 
 if TYPE_CHECKING:
     from ..quant import QWeight
-    from ..runner import BlockIO, Context, PlanInput
+    from . import PlanInput
 
 DEFAULT_LEVELS = {"bits": [2, 3, 4, 5, 6], "sparsity": [round(0.1 * k, 10) for k in range(10)]}
 # Llama-style residual sub-blocks: (child of the block, its output projection); dropping = that projection at 0
@@ -123,8 +124,6 @@ def _block_variants(cfg: EvoPressConfig, block: nn.Module, prefix: str, inputs: 
     """Every level's variant of each of the block's target `layers`; the weights are left as they were.
     `outputs`: the FP block's outputs on `inputs`, the targets of a candidate that reconstructs them (flexround,
     adaround)."""
-    from ..runner import BlockIO
-
     if cfg.space == "sparsity":
         return {n: [P.pruned(m.weight.data, s).weight for s in cfg.level_values] for n, m in layers.items()}
     variants: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
@@ -145,7 +144,6 @@ def _block_variants(cfg: EvoPressConfig, block: nn.Module, prefix: str, inputs: 
 def build_database(inp: "PlanInput", cfg: EvoPressConfig, db: E.Database) -> None:
     """Every target layer at every level, block by block on the FP model (one block in memory)."""
     from ..models import find_blocks, materialize, release
-    from ..runner import BlockIO, Context, _hidden_size, cache_device, capture_block_inputs
 
     model, ctx = inp.model, inp.ctx
     blocks_prefix, blocks = find_blocks(model)
@@ -153,7 +151,7 @@ def build_database(inp: "PlanInput", cfg: EvoPressConfig, db: E.Database) -> Non
     inputs, kwargs = [], []
     if needs_data:
         materialize(model, "", inp.ckpt, ctx.device, exclude=blocks_prefix)
-        cache = cache_device(ctx, inp.windows.numel() * _hidden_size(model) * 4 * 2)
+        cache = cache_device(ctx, activation_bytes(inp.windows.numel(), hidden_size(model.config.to_dict()), 2))
         inputs, kwargs = capture_block_inputs(model, blocks[0], inp.windows, ctx.batch_size, ctx.device, cache)
         release(model, "", exclude=blocks_prefix)
     quiet = Context(device=ctx.device, seed=ctx.seed)

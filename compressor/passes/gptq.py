@@ -8,17 +8,14 @@ Hessian is taken with the earlier groups already quantized ("true sequential").
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from ..blocks import BlockIO, Context
 from ..quant import QWeight, SparseResidual, expand_groups, find_qparams, masked_zero, qrange, refit_scales
 from . import QuantConfig, layer_group_size, register_pass
-
-if TYPE_CHECKING:
-    from ..runner import BlockIO, Context
 
 
 class GPTQConfig(QuantConfig):
@@ -163,7 +160,7 @@ def _quantize_columns(w1: Tensor, err1: Tensor, hinv1: Tensor, q1: Tensor, cols:
 
 
 @register_pass("gptq", GPTQConfig, masks="keeps")
-def gptq(block: nn.Module, io: "BlockIO", cfg: GPTQConfig, ctx: "Context",
+def gptq(block: nn.Module, io: BlockIO, cfg: GPTQConfig, ctx: Context,
          exact: dict[str, Tensor] | None = None) -> dict[str, QWeight]:
     """GPTQ with Hessians from the block's inputs, damping, act-order and group-wise scales. `exact`: per
     layer, weights a sparse residual holds exactly (ReQuant's outliers). Pruned layers (io.masks) are

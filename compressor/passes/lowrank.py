@@ -23,10 +23,12 @@ from pydantic import Field
 from torch import nn
 
 from .. import lowrank as L
+from ..blocks import stream_fp_layers
 from . import PassConfig, register_pass
 
 if TYPE_CHECKING:
-    from ..runner import BlockIO, Context, PlanInput
+    from ..blocks import BlockIO, Context
+    from . import PlanInput
 
 
 class LowRankConfig(PassConfig):
@@ -89,7 +91,6 @@ def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
     from ..allocate import allocate
     from ..errors import BadInput
     from ..models import materialize, release
-    from ..runner import stream_fp_layers
 
     cfg: LowRankConfig = inp.spec.config  # type: ignore[assignment]
     if cfg.allocation != "dp":

@@ -24,7 +24,8 @@ from ..errors import BadInput
 from . import PassConfig, register_pass
 
 if TYPE_CHECKING:
-    from ..runner import BlockIO, Context, PlanInput
+    from ..blocks import BlockIO, Context
+    from . import PlanInput
     from ..sparse import SparseWeight
 
 

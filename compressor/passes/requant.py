@@ -39,7 +39,8 @@ from ..quant import QWeight, SparseResidual, masked_zero, quantize_rtn, resolve_
 from . import PASSES, QuantConfig, register_pass
 
 if TYPE_CHECKING:
-    from ..runner import BlockIO, Context, FinishInput, PlanInput
+    from ..blocks import BlockIO, Context
+    from . import FinishInput, PlanInput
 
 BASES = ("rtn", "gptq", "flexround", "adaround")
 
