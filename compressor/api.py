@@ -22,7 +22,8 @@ from .models import (Checkpoint, ModelSource, checkpoint_key, copied_files, find
 from .modules import QuantLinear
 from .quant import QWeight, pack_int32, qweight_from_tensors
 from .recipe import load_recipe
-from .runner import BlockResult, Context, block_tensors, check_calibration, checkpoint_key_prefix, run_blocks
+from .blocks import Context, check_calibration
+from .runner import BlockResult, block_tensors, checkpoint_key_prefix, run_blocks
 from .lowrank import LOWRANK, LowRankLinear, LowRankWeight
 from .sparse import SUFFIXES as SPARSE_SUFFIXES, SparseWeight
 
@@ -689,7 +690,7 @@ def utilization(model: str = "demo", calib: list[str | Path] | None = None, samp
     the input subspace from the calibration inputs' second moment, the output subspace from the input-projected
     layer's outputs, at each energy threshold tau; and the mean layer utilization (rank / min(d_in, d_out))."""
     from .algorithms import lowrank as LR
-    from .runner import stream_fp_layers
+    from .blocks import stream_fp_layers
 
     check_window_request(samples, seq_len)  # before anything is loaded
     if not taus or any(not 0 < t <= 1 for t in taus):

@@ -26,7 +26,9 @@ from torch import Tensor, nn
 
 from .algorithms import pqi as PQI
 from .algorithms import prune as P
+from .blocks import BlockIO, Context, stream_blocks
 from .errors import BadInput
+from .models import find_blocks
 
 # ------------------------------------------------------------------------------------ distortion of the output
 
@@ -53,7 +55,10 @@ class OutputHead:
 
     @torch.no_grad()
     def final(self, h: Tensor) -> Tensor:
-        return (self.norm(h) if self.norm is not None else h).float()
+        """The final norm of the last block's output (moved to the norm's device: the cache may be on the CPU)."""
+        if self.norm is None:
+            return h.float()
+        return self.norm(h.to(next(self.norm.parameters(), h).device)).float()
 
     def distortion(self, z: Tensor, z_fp: Tensor) -> float:
         """Summed over the tokens of this batch (divide by the token count)."""
@@ -76,23 +81,24 @@ class BlockStreams:
     once: a layer's variant then runs only from its own block on."""
 
     def __init__(self, model: nn.Module, windows: Tensor, batch_size: int, device: torch.device):
-        from .models import find_blocks
-        from .runner import BlockIO, capture_block_inputs
-
+        """`model`: in memory on `device`; the cached inputs live there too unless they would not fit
+        (blocks.cache_device: then on the CPU)."""
         self.prefix, self.blocks = find_blocks(model)
-        inputs, self.kwargs = capture_block_inputs(model, self.blocks[0], windows, batch_size, device)
-        self.inputs = [inputs]
-        for i, block in enumerate(self.blocks):
-            inputs = BlockIO(f"{self.prefix}.{i}", inputs, self.kwargs, {}).forward(block)
-            self.inputs.append(inputs)
+        self.inputs: list[list[Tensor]] = []  # per block, then the final hidden state: per batch (B, T, D)
+        ctx = Context(device=device, batch_size=batch_size)
+        for i, block, io in stream_blocks(model, None, windows, ctx, streams=len(self.blocks) + 1):
+            if i == 0:
+                self.inputs.append(io.inputs)
+                self.kwargs = io.kwargs
+            io.outputs = io.forward(block)
+            self.inputs.append(io.outputs)
         self.head = OutputHead(model)
         self.z_fp = [self.head.final(h) for h in self.inputs[-1]]
         self.tokens = sum(h.shape[0] * h.shape[1] for h in self.inputs[-1])
 
     @torch.no_grad()
     def run_from(self, start: int, stop: int | None = None) -> list[Tensor]:
-        from .runner import BlockIO
-
+        """The cached input of block `start` run through the blocks up to `stop` (default: all) as they are now."""
         h = self.inputs[start]
         for i in range(start, len(self.blocks) if stop is None else stop):
             h = BlockIO(f"{self.prefix}.{i}", h, self.kwargs, {}).forward(self.blocks[i])

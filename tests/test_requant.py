@@ -153,7 +153,8 @@ def _detach_case(monkeypatch=None, harmful=False, frac=0.02, bits=2):
     w0. Returns (results, log lines, calibration loss before, after)."""
     from compressor.passes import requant as rq
     from compressor.recipe import PassSpec
-    from compressor.runner import Context, FinishInput
+    from compressor.blocks import Context
+    from compressor.passes import FinishInput
 
     model = TinyLM()
     windows = torch.randint(0, 50, (6, 20), generator=torch.Generator().manual_seed(5))

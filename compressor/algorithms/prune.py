@@ -13,17 +13,15 @@ Weight Pruning in Deep Neural Networks"): the math, over tensors.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from .. import sparse
 from ..errors import BadInput
+from ..quant import QWeight
 from .allocate import allocate
-
-if TYPE_CHECKING:
-    from ..quant import QWeight
 
 
 def parse_structure(structure: str) -> tuple[int, int] | None:
@@ -63,7 +61,7 @@ def magnitude_mask(w: Tensor, sparsity: float, structure: str = "unstructured") 
     return keep.reshape(n_rows, k)
 
 
-def pruned(w: Tensor, sparsity: float, structure: str = "unstructured") -> "sparse.SparseWeight":
+def pruned(w: Tensor, sparsity: float, structure: str = "unstructured") -> sparse.SparseWeight:
     """W pruned by magnitude to `sparsity` (magnitude_mask) as the artifact's sparse weight; 1.0 prunes all of it
     (a dropped sub-block's layers)."""
     mask = magnitude_mask(w, sparsity, structure)
@@ -82,7 +80,7 @@ def sparsity_levels(levels: int, max_sparsity: float, structure: str = "unstruct
     return [k * max_sparsity / levels for k in range(levels + 1)]
 
 
-def keep_pruned_zero(qw: "QWeight", kept: Tensor, structure: str) -> "QWeight":
+def keep_pruned_zero(qw: QWeight, kept: Tensor, structure: str) -> QWeight:
     """A quantized weight of a pruned layer: the pruned weights' codes set to the grid's zero (the zero point, or
     0 when symmetric), so they dequantize to exactly 0, and the mask attached (the artifact's bitmask)."""
     qw.q = torch.where(kept.to(qw.q.device), qw.q, qw.zero_codes())

@@ -29,7 +29,7 @@ import contextlib
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -40,13 +40,12 @@ from torch import Tensor, nn
 from .. import measure
 from ..algorithms import evopress as E
 from ..algorithms import prune as P
+from ..blocks import BlockIO, Context, stream_blocks
 from ..errors import BadInput
 from ..files import cache_dir, sha256_file, write_atomic
-from . import PASSES, QuantConfig, register_pass
-
-if TYPE_CHECKING:
-    from ..quant import QWeight
-    from ..runner import BlockIO, Context, PlanInput
+from ..models import find_blocks, materialize, release
+from ..quant import QWeight
+from . import PASSES, PlanInput, QuantConfig, register_pass
 
 DEFAULT_LEVELS = {"bits": [2, 3, 4, 5, 6], "sparsity": [round(0.1 * k, 10) for k in range(10)]}
 # Llama-style residual sub-blocks: (child of the block, its output projection); dropping = that projection at 0
@@ -182,67 +181,48 @@ def _db_root(cfg: EvoPressConfig, key: str) -> Path:
     return cache_dir() / "evopress" / key
 
 
-def _block_variants(cfg: EvoPressConfig, block: nn.Module, prefix: str, inputs: list, kwargs: list,
-                    layers: dict[str, nn.Linear], quiet: "Context", outputs: list | None = None) -> dict[str, list[torch.Tensor]]:
-    """Every level's variant of each of the block's target `layers`; the weights are left as they were.
-    `outputs`: the FP block's outputs on `inputs`, the targets of a candidate that reconstructs them (flexround,
+def _block_variants(cfg: EvoPressConfig, block: nn.Module, io: BlockIO, quiet: Context) -> dict[str, list[Tensor]]:
+    """Every level's variant of each of the block's target layers (io.layers); the weights are left as they were.
+    io.outputs: the FP block's outputs on io.inputs, the targets of a candidate that reconstructs them (flexround,
     adaround)."""
-    from ..runner import BlockIO
-
     if cfg.space == "sparsity":
-        return {n: [P.pruned(m.weight.data, s).weight for s in cfg.level_values] for n, m in layers.items()}
-    variants: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-    fp = {n: m.weight.data.clone() for n, m in layers.items()}
+        return {n: [P.pruned(m.weight.data, s).weight for s in cfg.level_values] for n, m in io.layers.items()}
+    variants: dict[str, list[Tensor]] = {n: [] for n in io.layers}
+    fp = {n: m.weight.data.clone() for n, m in io.layers.items()}
     learned = PASSES[cfg.candidate].needs_targets
     for bits in cfg.level_values:
-        io = BlockIO(prefix, inputs, kwargs, dict(layers), targets=outputs if learned else None)
+        level_io = BlockIO(io.prefix, io.inputs, io.kwargs, dict(io.layers), targets=io.outputs if learned else None)
         with torch.enable_grad() if learned else contextlib.nullcontext():  # the database is built under no_grad
-            out = PASSES[cfg.candidate].fn(block, io, cfg.candidate_config(int(bits)), quiet)
+            out = PASSES[cfg.candidate].fn(block, level_io, cfg.candidate_config(int(bits)), quiet)
         for n, qw in out.items():
             variants[n].append(qw.dequantize(torch.float32))
-        for n, m in layers.items():  # the next width starts from the FP weights again
+        for n, m in io.layers.items():  # the next width starts from the FP weights again
             m.weight.data = fp[n].clone()
     return variants
 
 
 @torch.no_grad()
-def build_database(inp: "PlanInput", cfg: EvoPressConfig, db: Database) -> None:
-    """Every target layer at every level, block by block on the FP model (one block in memory)."""
-    from ..models import find_blocks, materialize, release
-    from ..runner import BlockIO, Context, _hidden_size, cache_device, capture_block_inputs
-
+def build_database(inp: PlanInput, cfg: EvoPressConfig, db: Database) -> None:
+    """Every target layer at every level, block by block on the FP model (stream_blocks: one block in memory)."""
     model, ctx = inp.model, inp.ctx
-    blocks_prefix, blocks = find_blocks(model)
+    n_blocks = len(find_blocks(model)[1])
     needs_data = cfg.space == "bits" and PASSES[cfg.candidate].needs_data
-    inputs, kwargs = [], []
-    if needs_data:
-        materialize(model, "", inp.ckpt, ctx.device, exclude=blocks_prefix)
-        cache = cache_device(ctx, inp.windows.numel() * _hidden_size(model) * 4 * 2)
-        inputs, kwargs = capture_block_inputs(model, blocks[0], inp.windows, ctx.batch_size, ctx.device, cache)
-        release(model, "", exclude=blocks_prefix)
     quiet = Context(device=ctx.device, seed=ctx.seed)
-    for i, block in enumerate(blocks):
-        prefix = f"{blocks_prefix}.{i}"
-        materialize(model, prefix, inp.ckpt, ctx.device)
-        layers = {n: m for n, m in ((f"{prefix}.{n}", m) for n, m in block.named_modules()) if n in db.space.layers}
-        kept = all(db.has_layer(n) for n in layers)  # from an interrupted build: only the FP forward is needed
-        # the FP block's outputs: the next block's inputs, and the targets of a reconstructing candidate
-        outputs = BlockIO(prefix, inputs, kwargs, {}).forward(block) if needs_data else None
+    for i, block, io in stream_blocks(model, inp.ckpt, inp.windows, ctx, data=needs_data):
+        io.layers = {n: m for n, m in ((f"{io.prefix}.{n}", m) for n, m in block.named_modules()) if n in db.space.layers}
+        kept = all(db.has_layer(n) for n in io.layers)  # from an interrupted build: only the FP forward is needed
+        if needs_data:  # the FP block's outputs: the next block's inputs, and the targets of a reconstructing candidate
+            io.outputs = io.forward(block)
         if not kept:
-            for n, vs in _block_variants(cfg, block, prefix, inputs, kwargs, layers, quiet, outputs).items():
+            for n, vs in _block_variants(cfg, block, io, quiet).items():
                 db.write_layer(n, vs)
-        if needs_data:
-            inputs = outputs
-        ctx.log(f"evopress database: block {i + 1}/{len(blocks)}" + (" (kept from an earlier build)" if kept else ""))
-        release(model, prefix)
+        ctx.log(f"evopress database: block {i + 1}/{n_blocks}" + (" (kept from an earlier build)" if kept else ""))
     db.finish()
 
 
 def depth_units(model: nn.Module, select) -> tuple[list[str], dict[str, str], dict[str, list[str]]]:
     """The residual sub-blocks of a Llama-style decoder: their names ("<block>.self_attn", "<block>.mlp"), each
     one's output projection, and its Linears that the recipe targets (the output projection must be one)."""
-    from ..models import find_blocks
-
     prefix, blocks = find_blocks(model)
     units, out_proj, linears = [], {}, {}
     for i, block in enumerate(blocks):
@@ -264,12 +244,10 @@ def depth_units(model: nn.Module, select) -> tuple[list[str], dict[str, str], di
     return units, out_proj, linears
 
 
-def _search(inp: "PlanInput", cfg: EvoPressConfig, space: E.LevelSpace, variants: dict[str, list[torch.Tensor]],
+def _search(inp: PlanInput, cfg: EvoPressConfig, space: E.LevelSpace, variants: dict[str, list[Tensor]],
             start: E.State, trace_dir: Path, extra: dict, identity: dict) -> E.State:
     """The evolution on the FP model (materialized here) with the KL fitness; the trace goes to `trace_dir`.
     `identity`: what the variants come from (the model files' digests, the database key), for the checkpoint's key."""
-    from ..models import materialize, release
-
     ctx = inp.ctx
     pool = inp.windows[: cfg.fitness_samples, : cfg.fitness_seq_len]
     # the search's checkpoint: keyed by what its course depends on (not `generations`: more of them extend it)
@@ -302,10 +280,8 @@ def _search(inp: "PlanInput", cfg: EvoPressConfig, space: E.LevelSpace, variants
     return state
 
 
-def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
+def plan(inp: PlanInput) -> dict[str, dict[str, Any]]:
     """The level of every layer (see the module docstring)."""
-    from ..models import find_blocks, materialize, release
-
     cfg: EvoPressConfig = inp.spec.config  # type: ignore[assignment]
     ctx, model = inp.ctx, inp.model
     model_digests = [sha256_file(f) for f in sorted({Path(f) for f in inp.ckpt.files.values()})]
@@ -376,7 +352,7 @@ def _mask_role(cfg: EvoPressConfig) -> str | None:
 
 
 @register_pass("evopress", EvoPressConfig, plan=plan, needs=_needs, masks=_mask_role)
-def evopress(block: nn.Module, io: "BlockIO", cfg: EvoPressConfig, ctx: "Context") -> dict[str, Any]:
+def evopress(block: nn.Module, io: BlockIO, cfg: EvoPressConfig, ctx: Context) -> dict[str, Any]:
     """EvoPress: each layer at the level the evolutionary search chose (a bit width, a sparsity, or dropped)."""
     if cfg.space == "sparsity":
         return {n: P.pruned(lin.weight.data, float(io.assignment.get(n, {}).get("sparsity", cfg.target)))
@@ -387,7 +363,7 @@ def evopress(block: nn.Module, io: "BlockIO", cfg: EvoPressConfig, ctx: "Context
     for name, lin in io.layers.items():
         bits = int(io.assignment.get(name, {}).get("bits", round(cfg.target)))
         by_bits.setdefault(bits, {})[name] = lin
-    out: dict[str, "QWeight"] = {}
+    out: dict[str, QWeight] = {}
     layers = io.layers
     try:
         for bits, group in sorted(by_bits.items()):

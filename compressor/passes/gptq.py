@@ -7,17 +7,13 @@ Hessian is taken with the earlier groups already quantized ("true sequential").
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pydantic import Field
 from torch import Tensor, nn
 
 from ..algorithms.gptq import gptq_quantize
+from ..blocks import BlockIO, Context
 from ..quant import QWeight
 from . import QuantConfig, layer_group_size, register_pass
-
-if TYPE_CHECKING:
-    from ..runner import BlockIO, Context
 
 
 class GPTQConfig(QuantConfig):
@@ -30,7 +26,7 @@ class GPTQConfig(QuantConfig):
 
 
 @register_pass("gptq", GPTQConfig, masks="keeps")
-def gptq(block: nn.Module, io: "BlockIO", cfg: GPTQConfig, ctx: "Context",
+def gptq(block: nn.Module, io: BlockIO, cfg: GPTQConfig, ctx: Context,
          exact: dict[str, Tensor] | None = None) -> dict[str, QWeight]:
     """GPTQ with Hessians from the block's inputs, damping, act-order and group-wise scales. `exact`: per
     layer, weights a sparse residual holds exactly (ReQuant's outliers). Pruned layers (io.masks) are

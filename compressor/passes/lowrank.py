@@ -17,7 +17,7 @@ does not know the layout.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -26,12 +26,11 @@ from torch import nn
 from .. import measure
 from ..algorithms import lowrank as L
 from ..algorithms.allocate import allocate
+from ..blocks import BlockIO, Context, stream_fp_layers
 from ..errors import BadInput
 from ..lowrank import LowRankWeight
-from . import PassConfig, register_pass
-
-if TYPE_CHECKING:
-    from ..runner import BlockIO, Context, PlanInput
+from ..models import materialize, release
+from . import PassConfig, PlanInput, register_pass
 
 
 class LowRankConfig(PassConfig):
@@ -64,13 +63,10 @@ def factorise(w: torch.Tensor, c: torch.Tensor | None, cfg: LowRankConfig,
     return (None if ab is None else LowRankWeight(*ab)), r
 
 
-def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
+def plan(inp: PlanInput) -> dict[str, dict[str, Any]]:
     """allocation dp: each target Linear factorised alone at each level, the model's output distortion on
     `curve_samples` windows (the pruning DP's curves, compressor.measure), then the least summed distortion whose
     stored numbers fit `params` of the total (algorithms.allocate). The result: {layer: {params: fraction}}."""
-    from ..models import materialize, release
-    from ..runner import stream_fp_layers
-
     cfg: LowRankConfig = inp.spec.config  # type: ignore[assignment]
     if cfg.allocation != "dp":
         return {}
@@ -121,7 +117,7 @@ def _needs(cfg: LowRankConfig) -> tuple[bool, bool]:
 
 @register_pass("lowrank", LowRankConfig, needs=_needs, plan=plan, factors=True)
 @torch.no_grad()
-def lowrank(block: nn.Module, io: "BlockIO", cfg: LowRankConfig, ctx: "Context") -> dict[str, LowRankWeight]:
+def lowrank(block: nn.Module, io: BlockIO, cfg: LowRankConfig, ctx: Context) -> dict[str, LowRankWeight]:
     """Low-rank factors of each Linear: onto its utilized subspace, or truncated / activation-aware SVD."""
     names = list(io.layers)
     moments = {} if cfg.method == "svd" else io.input_second_moments(block, names)

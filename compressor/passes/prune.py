@@ -13,7 +13,7 @@ takes the pruned layers with their masks and keeps the pruned weights at exactly
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -21,12 +21,11 @@ from torch import nn
 
 from .. import measure
 from ..algorithms import prune as P
+from ..blocks import BlockIO, Context
 from ..errors import BadInput
-from . import PassConfig, register_pass
-
-if TYPE_CHECKING:
-    from ..runner import BlockIO, Context, PlanInput
-    from ..sparse import SparseWeight
+from ..models import find_blocks, materialize, release
+from ..sparse import SparseWeight
+from . import PassConfig, PlanInput, register_pass
 
 
 class PruneConfig(PassConfig):
@@ -53,10 +52,8 @@ class PruneConfig(PassConfig):
             raise ValueError(f"uniform {self.structure} prunes {1 - nm[0] / nm[1]:g}; set sparsity to that")
 
 
-def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
+def plan(inp: PlanInput) -> dict[str, dict[str, Any]]:
     """The per-layer sparsity (see the module docstring)."""
-    from ..models import find_blocks, materialize, release
-
     cfg: PruneConfig = inp.spec.config  # type: ignore[assignment]
     ctx = inp.ctx
     nm = P.parse_structure(cfg.structure)
@@ -108,15 +105,13 @@ def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
 
 
 def _block_of(model: nn.Module):
-    from ..models import find_blocks
-
     prefix, _ = find_blocks(model)
     return lambda name: f"{prefix}.{measure.block_index(prefix, name)}"
 
 
 @register_pass("prune", PruneConfig, needs_data=False, plan=plan, masks="makes")
 @torch.no_grad()
-def prune(block: nn.Module, io: "BlockIO", cfg: PruneConfig, ctx: "Context") -> dict[str, "SparseWeight"]:
+def prune(block: nn.Module, io: BlockIO, cfg: PruneConfig, ctx: Context) -> dict[str, SparseWeight]:
     """Magnitude pruning to each layer's planned sparsity (dp, uniform, global or OWL allocation)."""
     out = {}
     for name, lin in io.layers.items():

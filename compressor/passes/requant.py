@@ -22,7 +22,7 @@ a sparse float16 residual (stored as CSR beside the compressed-tensors tensors, 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, ValidationError
@@ -32,12 +32,10 @@ from .. import measure
 from ..algorithms import requant as R
 from ..algorithms.allocate import allocate
 from ..algorithms.pqi import top_global
+from ..blocks import BlockIO, Context
 from ..errors import BadInput
 from ..quant import QWeight, resolve_group_size
-from . import PASSES, QuantConfig, register_pass
-
-if TYPE_CHECKING:
-    from ..runner import BlockIO, Context, FinishInput, PlanInput
+from . import PASSES, FinishInput, PlanInput, QuantConfig, register_pass
 
 BASES = ("rtn", "gptq", "flexround", "adaround")
 
@@ -73,7 +71,7 @@ class RequantConfig(QuantConfig):
         return PASSES[self.base].config.model_validate({**shared, **self.base_options})
 
 
-def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
+def plan(inp: PlanInput) -> dict[str, dict[str, Any]]:
     """Outlier counts per layer: the least summed objective with at most outlier_fraction of all weights."""
     cfg: RequantConfig = inp.spec.config  # type: ignore[assignment]
     names, costs, errors = [], [], []
@@ -105,12 +103,12 @@ def _needs(cfg: RequantConfig) -> tuple[bool, bool]:
 
 
 @torch.no_grad()
-def _masks(io: "BlockIO") -> dict[str, Tensor]:
+def _masks(io: BlockIO) -> dict[str, Tensor]:
     return {name: R.outlier_mask(lin.weight.data, int(io.assignment.get(name, {}).get("outliers", 0)))
             for name, lin in io.layers.items()}
 
 
-def finish(inp: "FinishInput") -> None:
+def finish(inp: FinishInput) -> None:
     """Step-wise significant-weight detach over the whole model (see the module docstring)."""
     cfg: RequantConfig = inp.spec.config  # type: ignore[assignment]
     if cfg.significant_fraction == 0 or not inp.results:
@@ -179,7 +177,7 @@ def finish(inp: "FinishInput") -> None:
 
 
 @register_pass("requant", RequantConfig, plan=plan, finish=finish, needs=_needs)
-def requant(block: nn.Module, io: "BlockIO", cfg: RequantConfig, ctx: "Context") -> dict[str, QWeight]:
+def requant(block: nn.Module, io: BlockIO, cfg: RequantConfig, ctx: Context) -> dict[str, QWeight]:
     """ReQuant: dense-and-sparse on a base quantizer (outliers planned per layer, significant weights by PQI)."""
     out = PASSES[cfg.base].fn(block, io, cfg.base_config(), ctx, exact=_masks(io))
     for qw in out.values():
