@@ -72,10 +72,11 @@ def recipe(spec: dict, what: str) -> str:
 def bits_dp_assignment(a: argparse.Namespace, windows: int) -> tuple[dict, float]:
     """The DP baseline at 3.0 bits: curves on `windows` windows from the database the EvoPress bits runs built,
     then the DP."""
-    from compressor import evopress as E
-    from compressor import prune as P
+    from compressor import measure
+    from compressor.algorithms import evopress as E
     from compressor.data import calibration_windows, read_texts, tokenize
     from compressor.models import Checkpoint, load_tokenizer, materialize, resolve_model, skeleton
+    from compressor.passes.evopress import Database
 
     f = a.work / f"curves-bits-{a.candidate}-{windows}x{a.curve_len}.json"
     root = Path(evo_spec(a, "bits", 0)["database"])
@@ -87,9 +88,9 @@ def bits_dp_assignment(a: argparse.Namespace, windows: int) -> tuple[dict, float
         model = skeleton(path)
         materialize(model, "", Checkpoint(path))
         model.eval()
-        streams = P.BlockStreams(model, ids, 1, torch.device("cpu"))
+        streams = measure.BlockStreams(model, ids, 1, torch.device("cpu"))
         space = E.LevelSpace(tuple(layers), tuple(model.get_submodule(n).weight.numel() for n in layers), tuple(levels))
-        db = E.Database(root, meta["key"], space)
+        db = Database(root, meta["key"], space)
         cache: dict = {}
 
         def variant(name: str, k: int) -> torch.Tensor:
@@ -98,7 +99,7 @@ def bits_dp_assignment(a: argparse.Namespace, windows: int) -> tuple[dict, float
             return cache["v"][k].float()
 
         t0 = time.perf_counter()
-        curves = P.distortion_curves(streams, model, layers, levels, variant=variant,
+        curves = measure.distortion_curves(streams, model, layers, levels, variant=variant,
                                      on_layer=lambda i, n, name: print(f"[bits curves] {i}/{n} {name}", flush=True) if i % 21 == 0 else None)
         f.write_text(json.dumps({"curves": curves, "levels": levels, "sizes": dict(zip(layers, space.sizes)),
                                  "seconds": round(time.perf_counter() - t0, 1), "tokens": streams.tokens}))

@@ -34,8 +34,9 @@ def spearman(a: list[float], b: list[float]) -> float:
 def main() -> None:
     from transformers import AutoModelForCausalLM
 
-    from compressor import evopress as E
-    from compressor import prune as P
+    from compressor import measure
+    from compressor.algorithms import evopress as E
+    from compressor.algorithms import prune as P
     from compressor.data import calibration_windows, read_texts, tokenize
     from compressor.models import load_tokenizer, resolve_model
     from compressor.quant import quantize_rtn, resolve_group_size
@@ -69,7 +70,7 @@ def main() -> None:
         with torch.no_grad():
             for dt in ("float32", "bfloat16"):
                 t0 = time.perf_counter()
-                fit = E.KLFitness(model, pool, layers, variants, [a.windows], 256, dtype=getattr(torch, dt))
+                fit = measure.KLFitness(model, pool, layers, variants, [a.windows], 256, dtype=getattr(torch, dt))
                 kl[dt] = [fit.kl(s, list(range(a.windows))) for s in states]
                 secs[dt] = round(time.perf_counter() - t0, 1)
                 for n in layers:

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import compressor.passes.gptq as gptq  # noqa: E402
+import compressor.algorithms.gptq as gptq  # noqa: E402
 
 
 def load(stop) -> None:

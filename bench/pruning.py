@@ -56,7 +56,8 @@ def recipe_text(sparsity: float, structure: str, method: str, assignment: dict |
 
 def curves_for(a: argparse.Namespace, structure: str, state: dict) -> dict:
     """The distortion curves of every Linear of the blocks (cached under --work), with the additivity trials."""
-    from compressor import prune as P
+    from compressor import measure
+    from compressor.algorithms import prune as P
 
     f = a.work / f"curves-{structure.replace(':', 'of')}.json"
     if f.is_file():
@@ -73,7 +74,7 @@ def curves_for(a: argparse.Namespace, structure: str, state: dict) -> dict:
         materialize(model, "", Checkpoint(path))
         model.eval()
         t0 = time.perf_counter()
-        streams = P.BlockStreams(model, ids, 1, torch.device("cpu"))
+        streams = measure.BlockStreams(model, ids, 1, torch.device("cpu"))
         state.update(model=model, streams=streams, cache_seconds=time.perf_counter() - t0)
     prefix = streams.prefix
     layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(prefix + ".")]
@@ -84,10 +85,10 @@ def curves_for(a: argparse.Namespace, structure: str, state: dict) -> dict:
         if i % 7 == 0:
             print(f"[curves {structure}] {i}/{n} {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    curves = P.distortion_curves(streams, model, layers, levels, structure, on_layer=tick)
+    curves = measure.distortion_curves(streams, model, layers, levels, structure, on_layer=tick)
     curve_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    trials = P.additivity(streams, model, curves, levels, a.trials, seed=0, structure=structure)
+    trials = measure.additivity(streams, model, curves, levels, a.trials, seed=0, structure=structure)
     rec = {"structure": structure, "levels": levels, "curves": curves, "seconds": round(curve_s, 1),
            "additivity": trials, "additivity_seconds": round(time.perf_counter() - t0, 1),
            "sizes": {n: model.get_submodule(n).weight.numel() for n in layers},
@@ -130,7 +131,7 @@ def additivity_plot(recs: list[dict], out: Path) -> dict:
 
 
 def main() -> None:
-    from compressor import prune as P
+    from compressor.algorithms import prune as P
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", default="0.3,0.5,0.6,2:4")

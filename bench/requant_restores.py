@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from quality import DATA, machine, write_record  # noqa: E402
 
-from compressor import pqi  # noqa: E402
+from compressor import measure as M  # noqa: E402
+from compressor.algorithms.pqi import top_global  # noqa: E402
 from compressor.api import load  # noqa: E402
 from compressor.data import load_windows  # noqa: E402
 from compressor.models import load_dense, load_tokenizer, resolve_model  # noqa: E402
@@ -57,13 +58,13 @@ def measure(art: Path) -> dict:
         p.requires_grad_(False)
     for p in params.values():
         p.requires_grad_(True)
-    pqi.set_weights(params, w0, dw, 0.0)
-    f_fp = pqi.loss(model, windows)
-    pqi.set_weights(params, w0, dw, 1.0)
-    f_q = pqi.loss(model, windows)
+    M.set_weights(params, w0, dw, 0.0)
+    f_fp = M.loss(model, windows)
+    M.set_weights(params, w0, dw, 1.0)
+    f_q = M.loss(model, windows)
     t0 = time.perf_counter()
-    g = pqi.gradient(model, params, windows)
-    c = pqi.pqi(model, params, w0, dw, windows, INTERVALS)  # leaves the weights at w~
+    g = M.gradient(model, params, windows)
+    c = M.pqi(model, params, w0, dw, windows, INTERVALS)  # leaves the weights at w~
     seconds = time.perf_counter() - t0
     scores = {"pqi": {n: v.abs() for n, v in c.items()}, "pqi-signed": c,
               "gradient": {n: g[n] * dw[n] for n in params}}
@@ -72,10 +73,10 @@ def measure(art: Path) -> dict:
     rows = []
     for crit, sc in scores.items():
         for k in (step, step // 4, step // 16, step // 64):
-            chosen = pqi.top_global(sc, k, held)
+            chosen = top_global(sc, k, held)
             predicted = -sum(float((c if crit == "pqi" else sc)[n][chosen[n]].sum()) for n in params)
-            pqi.set_weights(params, w0, {n: dw[n].masked_fill(chosen[n], 0.0) for n in params}, 1.0)
-            f = pqi.loss(model, windows)
+            M.set_weights(params, w0, {n: dw[n].masked_fill(chosen[n], 0.0) for n in params}, 1.0)
+            f = M.loss(model, windows)
             rows.append({"score": crit, "restored": k, "loss": f, "dF": f - f_q, "predicted_dF": predicted})
             print(f"{art.parent.name} {crit} k={k}: F {f:.5f} ({f - f_q:+.5f}; predicted {predicted:+.5f})", flush=True)
     return {"artifact": str(art), "loss_fp": f_fp, "loss_quantized": f_q, "pqi_sum": sum(float(v.sum()) for v in c.values()),

@@ -9,13 +9,14 @@ from typing import Any, Callable
 
 import torch
 
-from . import lowrank as LR
-from . import pqi
+from . import measure as pqi
+from .algorithms import lowrank as LR
 from .api import prepare
 from .data import check_window_request, load_windows
 from .errors import BadInput
 from .models import Checkpoint, load_dense, load_tokenizer, pick_device, resolve_model, skeleton
-from .runner import Context, check_calibration, run_blocks, stream_fp_layers
+from .blocks import Context, check_calibration, stream_fp_layers
+from .runner import run_blocks
 
 
 def quantize_in_memory(model: str, recipe: str | Path, calib: list[str | Path] | None, samples: int | None,

@@ -20,7 +20,8 @@ from .evaluate import evaluate
 from .models import (Checkpoint, ModelSource, find_blocks, is_causal_lm, load_tokenizer, pick_device, resolve_model,
                      skeleton)
 from .recipe import load_recipe
-from .runner import BlockResult, Context, block_tensors, check_calibration, checkpoint_key_prefix, run_blocks
+from .blocks import Context, check_calibration
+from .runner import BlockResult, block_tensors, checkpoint_key_prefix, run_blocks
 
 
 def prepare(model: str, recipe: str | Path, calib, samples, seq_len, seed, device: str, log: Callable[[str], None],

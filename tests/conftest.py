@@ -135,8 +135,8 @@ def demo_block(demo_path: Path, index: int, windows: int, seq_len: int, batch: i
     (`windows` windows of `seq_len` tokens of Emma, seed 0, cached in batches of `batch`) and, as targets, the
     FP block's outputs. Returns (block, io); io.layers is empty (block_error_of_pass fills it)."""
     from compressor.data import DEFAULT_CORPUS, calibration_windows, read_texts, tokenize
+    from compressor.blocks import BlockIO, capture_block_inputs
     from compressor.models import Checkpoint, find_blocks, load_tokenizer, materialize, skeleton
-    from compressor.runner import BlockIO, capture_block_inputs
 
     tokens = tokenize(load_tokenizer(demo_path), read_texts([DEFAULT_CORPUS[0]]))
     ids = calibration_windows(tokens, windows, seq_len, seed=0)
@@ -156,7 +156,7 @@ def block_error_of_pass(block, io, name: str, **config) -> float:
     """Run pass `name` (config keyword arguments) on every Linear of the block, then the block-output error
     sum (y - t)^2 / sum t^2 against io.targets; the block's weights are restored afterwards."""
     from compressor.passes import get_pass
-    from compressor.runner import Context, rel_sq_err
+    from compressor.blocks import Context, rel_sq_err
 
     state = {k: v.clone() for k, v in block.state_dict().items()}
     io.layers = {f"{io.prefix}.{n}": m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}

@@ -1,4 +1,4 @@
-"""EvoPress (compressor/evopress.py, passes/evopress.py): level switches keep the budget exactly, the search
+"""EvoPress (algorithms/evopress.py, measure.py, passes/evopress.py): level switches keep the budget exactly, the search
 reaches the DP optimum of an additive problem, the KL fitness against a direct computation on the demo model,
 the sub-block influence against known zeros, and the pass end to end in its three spaces (bits: mixed widths in
 the artifact; sparsity: mixed sparsities at exactly the target; depth: dropped sub-blocks whose output is 0 in the
@@ -13,8 +13,10 @@ import torch
 
 from safetensors.torch import load_file, save_file
 
-from compressor import evopress as E
+from compressor import measure
+from compressor.algorithms import evopress as E
 from compressor.errors import BadInput
+from compressor.passes.evopress import Database, search_checkpoint
 
 from conftest import AUSTEN, demo_model_and_windows
 
@@ -97,16 +99,16 @@ def test_an_interrupted_search_goes_on_from_its_checkpoint(tmp_path):
     run = dict(offspring=6, survivors=[2, 1], seed=3)
     full, full_trace = E.evolve(space, fitness, start, generations=20, **run)
     ck = tmp_path / "search.json"
-    E.evolve(space, fitness, start, generations=7, checkpoint=ck, **run)
+    E.evolve(space, fitness, start, generations=7, **search_checkpoint(ck), **run)
     assert len(json.loads(ck.read_text())["trace"]) == 7
-    resumed, trace = E.evolve(space, fitness, start, generations=20, checkpoint=ck, **run)
+    resumed, trace = E.evolve(space, fitness, start, generations=20, **search_checkpoint(ck), **run)
     strip = lambda t: [{k: v for k, v in g.items() if k != "seconds"} for g in t.to_json()]  # noqa: E731
     assert resumed == full and strip(trace) == strip(full_trace)
-    longer, _ = E.evolve(space, fitness, start, generations=25, checkpoint=ck, **run)
+    longer, _ = E.evolve(space, fitness, start, generations=25, **search_checkpoint(ck), **run)
     assert len(json.loads(ck.read_text())["trace"]) == 25
     assert longer == E.evolve(space, fitness, start, generations=25, **run)[0]
     other = tuple(reversed(start))
-    _, fresh = E.evolve(space, fitness, other, generations=3, checkpoint=ck, **run)
+    _, fresh = E.evolve(space, fitness, other, generations=3, **search_checkpoint(ck), **run)
     assert [g["generation"] for g in fresh.to_json()] == [1, 2, 3]
 
 
@@ -125,7 +127,7 @@ def test_kl_fitness_against_the_full_vocabulary(demo_fp):
     names = ["model.layers.2.mlp.down_proj", "model.layers.4.self_attn.q_proj"]
     fp = {n: model.get_submodule(n).weight.data.clone() for n in names}
     variants = {n: [quantize_rtn(w, 2, 64, False, torch.float16).dequantize().half(), w.half()] for n, w in fp.items()}
-    fit = E.KLFitness(model, ids, names, variants, [3], topk=256)
+    fit = measure.KLFitness(model, ids, names, variants, [3], topk=256)
     try:
         ref_lp = [torch.log_softmax(model(input_ids=w[None]).logits[0, :-1].float(), -1) for w in ids]
         assert fit.kl((1, 1), [0, 1, 2]) == pytest.approx(0.0, abs=2e-4)  # float16 of the FP weights
@@ -152,7 +154,7 @@ def test_perplexity_fitness_is_the_mean_nll(demo_fp):
     model, ids = demo_fp
     name = "model.layers.4.self_attn.q_proj"
     w = model.get_submodule(name).weight.data.clone()
-    fit = E.KLFitness(model, ids, [name], {name: [quantize_rtn(w, 2, 64, False, torch.float16).dequantize().half(),
+    fit = measure.KLFitness(model, ids, [name], {name: [quantize_rtn(w, 2, 64, False, torch.float16).dequantize().half(),
                                                    w.half()]}, [3], metric="perplexity")
     try:
         got = []
@@ -165,7 +167,7 @@ def test_perplexity_fitness_is_the_mean_nll(demo_fp):
     finally:
         model.get_submodule(name).weight.data = w
     with pytest.raises(BadInput, match="metric"):
-        E.KLFitness(model, ids, [name], {}, [3], metric="ppl")
+        measure.KLFitness(model, ids, [name], {}, [3], metric="ppl")
     assert EvoPressConfig(fitness="perplexity").fitness == "perplexity"
 
 
@@ -187,7 +189,7 @@ def test_kl_fitness_in_bfloat16_orders_as_float32(demo_fp):
         for dt in (torch.float32, torch.bfloat16):
             for n, w in fp.items():  # the dense reference is taken from the model as it is when built
                 model.get_submodule(n).weight.data = w
-            fit = E.KLFitness(model, ids, names, variants, [3], dtype=dt)
+            fit = measure.KLFitness(model, ids, names, variants, [3], dtype=dt)
             kl[dt] = [fit.kl(s, [0, 1, 2]) for s in states]
     finally:
         for n, w in fp.items():
@@ -199,7 +201,7 @@ def test_kl_fitness_in_bfloat16_orders_as_float32(demo_fp):
     for k in range(3):
         assert abs(b16[k] - f32[k]) <= 0.1 * f32[k], f"{k + 2} bits: bf16 {b16[k]:.4g} vs fp32 {f32[k]:.4g}"
     with pytest.raises(BadInput, match="float64"):
-        E.KLFitness(model, ids[:1], names, variants, [1], dtype=torch.float64)
+        measure.KLFitness(model, ids[:1], names, variants, [1], dtype=torch.float64)
 
 
 def test_evopress_with_a_learned_rounding_candidate(tmp_path, demo_path):
@@ -243,8 +245,8 @@ def test_evopress_with_a_learned_rounding_candidate(tmp_path, demo_path):
     for name, db in (("flexround", flex_db), ("rtn", rtn_db)):
         for n in names:  # the FP weights for this fitness's dense reference
             model.get_submodule(n).weight.data = fp[n].clone()
-        d = E.Database(db, json.loads((db / "meta.json").read_text())["key"], space)
-        fit = E.KLFitness(model, windows, names, {n: d.load_layer(n) for n in names}, [4])
+        d = Database(db, json.loads((db / "meta.json").read_text())["key"], space)
+        fit = measure.KLFitness(model, windows, names, {n: d.load_layer(n) for n in names}, [4])
         kl[name] = fit.kl((0,) * len(names), [0, 1, 2, 3])
     print(kl)
     assert kl["flexround"] < 0.5 * kl["rtn"], kl  # measured 0.191 vs 0.624
@@ -288,13 +290,13 @@ def test_evopress_pass_end_to_end(tmp_path, demo_path):
     materialize(model, "", Checkpoint(demo_path))
     names = sorted(bits)
     space = E.LevelSpace(tuple(names), tuple(sizes[n] for n in names), (2.0, 3.0, 4.0))
-    d = E.Database(db, json.loads((db / "meta.json").read_text())["key"], space)
+    d = Database(db, json.loads((db / "meta.json").read_text())["key"], space)
     assert d.complete()
     from compressor.data import load_windows
     from compressor.models import load_tokenizer
 
     windows, _ = load_windows(load_tokenizer(demo_path), [AUSTEN / "northangerabbey.txt"], 4, 48, 0)
-    fit = E.KLFitness(model, windows, names, {n: d.load_layer(n) for n in names}, [4])
+    fit = measure.KLFitness(model, windows, names, {n: d.load_layer(n) for n in names}, [4])
     start = fit.kl(E.initial_state(space, 3.0), [0, 1, 2, 3])
     final = fit.kl(tuple(space.values.index(float(bits[n])) for n in names), [0, 1, 2, 3])
     assert final == pytest.approx(fits[-1], rel=1e-4)
@@ -349,7 +351,7 @@ def test_subblock_influence_is_zero_for_a_zeroed_subblock(demo_fp):
     try:
         o.weight.data.zero_()
         d.weight.data.zero_()
-        infl = E.subblock_influence(model, blocks, ids)
+        infl = measure.subblock_influence(model, blocks, ids)
         hs = model(input_ids=ids[0][None], output_hidden_states=True).hidden_states
     finally:
         o.weight.data, d.weight.data = saved
@@ -360,7 +362,7 @@ def test_subblock_influence_is_zero_for_a_zeroed_subblock(demo_fp):
     cos = torch.nn.functional.cosine_similarity(hs[2][0].float(), hs[3][0].float(), dim=-1).mean()
     o.weight.data.zero_()
     try:
-        single = E.subblock_influence(model, blocks, ids[:1])
+        single = measure.subblock_influence(model, blocks, ids[:1])
     finally:
         o.weight.data = saved[0]
     assert single[(2, "mlp")] == pytest.approx(1 - float(cos), abs=1e-5)

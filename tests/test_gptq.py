@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.passes.gptq import gptq_quantize
+from compressor.algorithms.gptq import gptq_quantize
 from compressor.quant import dequantize, quantize_rtn, refit_scales
 
 from conftest import block_error_of_pass, demo_block

@@ -13,7 +13,7 @@ from compressor.passes.adaround import AdaRoundWeight, beta_schedule, init_v, re
 from compressor.passes.flexround import FlexRoundWeight
 from compressor.passes.reconstruct import cosine, round_ste
 from compressor.quant import dequantize, find_qparams, quantize, quantize_rtn
-from compressor.runner import BlockIO, Context
+from compressor.blocks import BlockIO, Context
 
 from conftest import block_error_of_pass, demo_block
 from test_gptq import correlated_inputs

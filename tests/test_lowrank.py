@@ -1,11 +1,11 @@
-"""Low-rank projection (compressor/lowrank.py) against exact references on synthetic layers whose inputs (and
+"""Low-rank projection (compressor/algorithms/lowrank.py) against exact references on synthetic layers whose inputs (and
 outputs) live in known subspaces."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from compressor import lowrank as L
+from compressor.algorithms import lowrank as L
 
 
 def _data(n: int, d_in: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -173,7 +173,6 @@ def test_lowrank_dp_allocation_keeps_the_budget(tmp_path, tiny_llama, small_cali
     import yaml
 
     import compressor
-    from compressor.passes.lowrank import level_cost
 
     out = tmp_path / "art"
     compressor.compress(str(tiny_llama), _recipe(tmp_path, "    params: 0.5\n    allocation: dp\n    curve_seq_len: 16\n"),
@@ -188,8 +187,8 @@ def test_lowrank_dp_allocation_keeps_the_budget(tmp_path, tiny_llama, small_cali
     for name, v in plan.items():
         lin = model.get_submodule(name)
         total += lin.in_features * lin.out_features
-        stored += level_cost(v["params"], lin.in_features, lin.out_features)
-        assert (name in meta["layers"]) == (level_cost(v["params"], lin.in_features, lin.out_features)
+        stored += L.level_cost(v["params"], lin.in_features, lin.out_features)
+        assert (name in meta["layers"]) == (L.level_cost(v["params"], lin.in_features, lin.out_features)
                                             < lin.in_features * lin.out_features)
     assert stored <= 0.5 * total
 

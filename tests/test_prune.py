@@ -1,5 +1,5 @@
-"""Layer-adaptive pruning (compressor/prune.py, passes/prune.py): masks, allocations and the DP against exact
-references, the output distortion against a direct forward of the demo model, and GPTQ on a fixed mask."""
+"""Layer-adaptive pruning (algorithms/prune.py, measure.py, passes/prune.py): masks, allocations and the DP against
+exact references, the output distortion against a direct forward of the demo model, and GPTQ on a fixed mask."""
 from __future__ import annotations
 
 import itertools
@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 
-from compressor import prune as P
+from compressor import measure
+from compressor.algorithms import prune as P
 from compressor.errors import BadInput
 
 from conftest import AUSTEN, demo_model_and_windows
@@ -120,10 +121,10 @@ def test_output_distortion_equals_the_direct_logit_error(demo_fp):
     here directly (full forward, full vocabulary) - the Gram-matrix shortcut and the cached block inputs change
     nothing."""
     model, ids = demo_fp
-    streams = P.BlockStreams(model, ids, 1, torch.device("cpu"))
+    streams = measure.BlockStreams(model, ids, 1, torch.device("cpu"))
     ref_fp = _logits(model, ids)
     name = "model.layers.3.mlp.down_proj"
-    curves = P.distortion_curves(streams, model, [name], [0.0, 0.5, 0.9])
+    curves = measure.distortion_curves(streams, model, [name], [0.0, 0.5, 0.9])
     lin = model.get_submodule(name)
     w = lin.weight.data
     for s, got in zip([0.5, 0.9], curves[name][1:]):
@@ -141,10 +142,10 @@ def test_output_distortion_equals_the_direct_logit_error(demo_fp):
 @torch.no_grad()
 def test_joint_distortion_of_two_layers(demo_fp):
     model, ids = demo_fp
-    streams = P.BlockStreams(model, ids, 1, torch.device("cpu"))
+    streams = measure.BlockStreams(model, ids, 1, torch.device("cpu"))
     ref_fp = _logits(model, ids)
     alloc = {"model.layers.1.self_attn.q_proj": 0.5, "model.layers.5.mlp.up_proj": 0.6}
-    got = P.joint_distortion(streams, model, alloc)
+    got = measure.joint_distortion(streams, model, alloc)
     saved = {n: model.get_submodule(n).weight.data for n in alloc}
     try:
         for n, s in alloc.items():
@@ -162,7 +163,7 @@ def test_gptq_on_a_fixed_mask_keeps_zeros_and_beats_rtn(demo_path):
     output error ||(W - W_hat) X|| than RTN of the pruned weights, on a real layer and its real inputs."""
     from conftest import demo_block
 
-    from compressor.passes.gptq import gptq_quantize
+    from compressor.algorithms.gptq import gptq_quantize
     from compressor.quant import quantize_rtn
 
     block, io = demo_block(demo_path, 2, 4, 64, 4)

@@ -12,10 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from compressor import pqi
-from compressor.allocate import allocate
+from compressor import measure
+from compressor.algorithms import requant as R
+from compressor.algorithms.allocate import allocate
+from compressor.algorithms.pqi import top_global
 from compressor.errors import BadInput
-from compressor.passes.gptq import gptq_quantize
+from compressor.algorithms.gptq import gptq_quantize
 from compressor.quant import QWeight, SparseResidual, qweight_from_tensors, quantize_rtn
 from conftest import run_cli
 from test_gptq import correlated_inputs
@@ -132,14 +134,14 @@ def test_pqi_converges_to_the_measured_loss_change():
         p.requires_grad_(True)
     w0 = {n: p.detach().clone() for n, p in params.items()}
     dw = {n: quantize_rtn(w, 2, 8, False, torch.float32).dequantize() - w for n, w in w0.items()}
-    f0 = pqi.loss(model, windows)
-    pqi.set_weights(params, w0, dw, 1.0)
-    measured = pqi.loss(model, windows) - f0
+    f0 = measure.loss(model, windows)
+    measure.set_weights(params, w0, dw, 1.0)
+    measured = measure.loss(model, windows) - f0
     errs = {}
     for n_int in (1, 4, 16):
-        c = pqi.pqi(model, params, w0, dw, windows, n_int)
+        c = measure.pqi(model, params, w0, dw, windows, n_int)
         errs[n_int] = abs(sum(float(v.sum()) for v in c.values()) - measured) / abs(measured)
-    first, second = pqi.taylor(model, params, w0, dw, windows)
+    first, second = measure.taylor(model, params, w0, dw, windows)
     assert errs[16] < 0.01 and errs[16] < errs[4] < errs[1], errs
     assert abs(first - measured) / abs(measured) > 5 * errs[16], (first, measured)
     assert torch.equal(model.fc1.weight, w0["fc1"])  # taylor leaves the weights at w0
@@ -151,7 +153,8 @@ def _detach_case(monkeypatch=None, harmful=False, frac=0.02, bits=2):
     w0. Returns (results, log lines, calibration loss before, after)."""
     from compressor.passes import requant as rq
     from compressor.recipe import PassSpec
-    from compressor.runner import Context, FinishInput
+    from compressor.blocks import Context
+    from compressor.passes import FinishInput
 
     model = TinyLM()
     windows = torch.randint(0, 50, (6, 20), generator=torch.Generator().manual_seed(5))
@@ -160,8 +163,8 @@ def _detach_case(monkeypatch=None, harmful=False, frac=0.02, bits=2):
     results = {n: quantize_rtn(model.get_submodule(n).weight.data, bits, 8, False, torch.float16)
                for n in ("fc1", "fc2")}
     if harmful:
-        real = rq._restore
-        monkeypatch.setattr(rq, "_restore", lambda qw, w0, mask: real(qw, w0 + 10.0, mask))
+        real = R.restore
+        monkeypatch.setattr(R, "restore", lambda qw, w0, mask: real(qw, w0 + 10.0, mask))
     logs = []
     w0 = {n: model.get_submodule(n).weight.detach().clone() for n in results}
 
@@ -169,7 +172,7 @@ def _detach_case(monkeypatch=None, harmful=False, frac=0.02, bits=2):
         with torch.no_grad():
             for n, qw in res.items():
                 model.get_submodule(n).weight.data = qw.dequantize().float()
-            f = pqi.loss(model, windows)
+            f = measure.loss(model, windows)
             for n in res:
                 model.get_submodule(n).weight.data = w0[n].clone()
         return f
@@ -203,7 +206,7 @@ def test_detach_step_that_raises_the_loss_is_undone(monkeypatch):
 def test_top_global_picks_highest_and_skips_excluded():
     scores = {"a": torch.tensor([[1.0, 9.0], [3.0, 2.0]]), "b": torch.tensor([[8.0, 0.5]])}
     excl = {"a": torch.tensor([[False, True], [False, False]])}
-    got = pqi.top_global(scores, 2, excl)
+    got = top_global(scores, 2, excl)
     assert got["a"].tolist() == [[False, False], [True, False]] and got["b"].tolist() == [[True, False]]
 
 

@@ -13,11 +13,14 @@ layers by a quantizer that keeps its masks (masks="keeps": rtn, gptq); the quant
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
 
-from ..quant import SCALE_DTYPES, resolve_group_size
+from ..blocks import Context, stream_fp_layers
+from ..models import Checkpoint
+from ..quant import SCALE_DTYPES, QWeight, resolve_group_size
 
 
 class PassConfig(BaseModel):
@@ -42,6 +45,36 @@ class QuantConfig(PassConfig):
     @property
     def torch_scale_dtype(self):
         return SCALE_DTYPES[self.scale_dtype]
+
+
+@dataclass
+class PlanInput:
+    """What a pass's plan stage gets: the model skeleton (weights on the meta device until streamed), the
+    checkpoint, the calibration windows, its recipe step and the run's context."""
+
+    model: nn.Module
+    ckpt: Checkpoint
+    windows: Tensor
+    spec: Any  # its recipe.PassSpec (recipe.py imports this registry, so it is not imported here)
+    ctx: Context
+
+    def stream_fp_layers(self) -> Iterator[tuple[str, nn.Linear, Tensor]]:
+        """The spec's target Linears of the FP model, block by block, each with the diagonal of its input second
+        moment, sum over calibration tokens of x_j^2 (K,), while its block is in memory."""
+        yield from stream_fp_layers(self.model, self.ckpt, self.windows, self.ctx, self.spec.selects)
+
+
+@dataclass
+class FinishInput:
+    """What a pass's finish stage gets: the whole FP model (materialized on the device), the calibration windows,
+    its recipe step (recipe.PassSpec) and context, and `results`, the QWeight of each of its layers, to update in
+    place."""
+
+    model: nn.Module
+    windows: Tensor
+    spec: Any
+    ctx: Context
+    results: dict[str, QWeight]
 
 
 @dataclass(frozen=True)

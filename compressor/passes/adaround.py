@@ -9,18 +9,14 @@ hard (h = 1[V >= 0]), so the codes are on the same grid as round-to-nearest.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from ..blocks import BlockIO, Context
 from ..quant import QWeight
 from . import register_pass
 from .reconstruct import LearnedWeight, ReconConfig, cosine, expand_groups, learn_rounding
-
-if TYPE_CHECKING:
-    from ..runner import BlockIO, Context
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -95,7 +91,7 @@ class AdaRoundWeight(LearnedWeight):
 
 
 @register_pass("adaround", AdaRoundConfig, needs_targets=True)
-def adaround(block: nn.Module, io: "BlockIO", cfg: AdaRoundConfig, ctx: "Context",
+def adaround(block: nn.Module, io: BlockIO, cfg: AdaRoundConfig, ctx: Context,
              exact: dict[str, Tensor] | None = None) -> dict[str, QWeight]:
     """AdaRound: learned up/down rounding on a fixed grid, by block-output reconstruction."""
 

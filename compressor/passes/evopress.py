@@ -1,5 +1,5 @@
-"""EvoPress (compressor/evopress.py): per-layer compression levels found by evolutionary search under a global
-budget, in one of three level spaces (`space`):
+"""EvoPress (algorithms/evopress.py): per-layer compression levels found by evolutionary search under a global budget,
+in one of three level spaces (`space`):
 
 - `bits`: every target Linear at a bit width of `levels` (default 2..6), `target` bits per weight on average
   (nominal widths); each layer is then quantized at its width by the `candidate` pass (rtn, gptq, flexround or
@@ -26,22 +26,26 @@ The assignment ({layer: {bits}}, {layer: {sparsity}} or {layer: {dropped}}) goes
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
-from torch import nn
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 
-from .. import evopress as E
-from .. import prune as P
+from .. import measure
+from ..algorithms import evopress as E
+from ..algorithms import prune as P
+from ..blocks import BlockIO, Context, stream_blocks
 from ..errors import BadInput
-from ..files import cache_dir
-from . import PASSES, QuantConfig, register_pass
-
-if TYPE_CHECKING:
-    from ..quant import QWeight
-    from ..runner import BlockIO, Context, PlanInput
+from ..files import cache_dir, sha256_file, write_atomic
+from ..models import find_blocks, materialize, release
+from ..quant import QWeight
+from . import PASSES, PlanInput, QuantConfig, register_pass
 
 DEFAULT_LEVELS = {"bits": [2, 3, 4, 5, 6], "sparsity": [round(0.1 * k, 10) for k in range(10)]}
 # Llama-style residual sub-blocks: (child of the block, its output projection); dropping = that projection at 0
@@ -112,73 +116,113 @@ class EvoPressConfig(QuantConfig):
         return PASSES[self.candidate].config.model_validate({**shared, **self.candidate_options, "bits": bits})
 
 
+# ------------------------------------------------------------------------------------------ database, checkpoint
+
+def database_key(parts: dict) -> str:
+    """16 hex digits of the sha256 of `parts` as sorted JSON: names a database, a search checkpoint, a trace."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Database:
+    """Compressed variants of every layer at every level, one safetensors file per layer under `root`
+    (tensor "level{k}", float16, the dequantized weight; the key in its metadata), and meta.json (the key, levels,
+    layers), written last. A build that stopped part way resumes: a block whose layers' files all carry the key is
+    kept (only its FP forward runs again)."""
+
+    def __init__(self, root: Path, key: str, space: E.LevelSpace):
+        self.root, self.key, self.space = Path(root), key, space
+
+    def complete(self) -> bool:
+        meta = self.root / "meta.json"
+        if not meta.is_file():
+            return False
+        m = json.loads(meta.read_text())
+        return m.get("key") == self.key and all((self.root / f"{n}.safetensors").is_file() for n in self.space.layers)
+
+    def write_layer(self, name: str, variants: list[Tensor]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tensors = {f"level{k}": v.detach().to(torch.float16).contiguous().cpu() for k, v in enumerate(variants)}
+        write_atomic(self.root / f"{name}.safetensors", lambda p: save_file(tensors, str(p), metadata={"key": self.key}))
+
+    def has_layer(self, name: str) -> bool:
+        """The layer's variants are on disk, written under this database's key (by this build or an earlier,
+        interrupted one)."""
+        f = self.root / f"{name}.safetensors"
+        if not f.is_file():
+            return False
+        try:
+            with safe_open(str(f), "pt") as h:
+                return (h.metadata() or {}).get("key") == self.key
+        except Exception:  # a truncated or foreign file: built again
+            return False
+
+    def finish(self) -> None:
+        (self.root / "meta.json").write_text(json.dumps({"key": self.key, "levels": list(self.space.values),
+                                                         "layers": list(self.space.layers)}, indent=1))
+
+    def load_layer(self, name: str) -> list[Tensor]:
+        t = load_file(str(self.root / f"{name}.safetensors"))
+        return [t[f"level{k}"] for k in range(len(self.space.values))]
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.root.glob("*.safetensors"))
+
+
+def search_checkpoint(path: Path) -> dict[str, Any]:
+    """E.evolve's resume / on_checkpoint kept in a JSON file: read when it is there, rewritten (atomically) after
+    every generation."""
+    return {"resume": json.loads(path.read_text()) if path.is_file() else None,
+            "on_checkpoint": lambda state: write_atomic(path, lambda p: p.write_text(json.dumps(state)))}
+
+
 def _db_root(cfg: EvoPressConfig, key: str) -> Path:
     if cfg.database:
         return Path(cfg.database)
     return cache_dir() / "evopress" / key
 
 
-def _block_variants(cfg: EvoPressConfig, block: nn.Module, prefix: str, inputs: list, kwargs: list,
-                    layers: dict[str, nn.Linear], quiet: "Context", outputs: list | None = None) -> dict[str, list[torch.Tensor]]:
-    """Every level's variant of each of the block's target `layers`; the weights are left as they were.
-    `outputs`: the FP block's outputs on `inputs`, the targets of a candidate that reconstructs them (flexround,
+def _block_variants(cfg: EvoPressConfig, block: nn.Module, io: BlockIO, quiet: Context) -> dict[str, list[Tensor]]:
+    """Every level's variant of each of the block's target layers (io.layers); the weights are left as they were.
+    io.outputs: the FP block's outputs on io.inputs, the targets of a candidate that reconstructs them (flexround,
     adaround)."""
-    from ..runner import BlockIO
-
     if cfg.space == "sparsity":
-        return {n: [P.pruned(m.weight.data, s).weight for s in cfg.level_values] for n, m in layers.items()}
-    variants: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-    fp = {n: m.weight.data.clone() for n, m in layers.items()}
+        return {n: [P.pruned(m.weight.data, s).weight for s in cfg.level_values] for n, m in io.layers.items()}
+    variants: dict[str, list[Tensor]] = {n: [] for n in io.layers}
+    fp = {n: m.weight.data.clone() for n, m in io.layers.items()}
     learned = PASSES[cfg.candidate].needs_targets
     for bits in cfg.level_values:
-        io = BlockIO(prefix, inputs, kwargs, dict(layers), targets=outputs if learned else None)
+        level_io = BlockIO(io.prefix, io.inputs, io.kwargs, dict(io.layers), targets=io.outputs if learned else None)
         with torch.enable_grad() if learned else contextlib.nullcontext():  # the database is built under no_grad
-            out = PASSES[cfg.candidate].fn(block, io, cfg.candidate_config(int(bits)), quiet)
+            out = PASSES[cfg.candidate].fn(block, level_io, cfg.candidate_config(int(bits)), quiet)
         for n, qw in out.items():
             variants[n].append(qw.dequantize(torch.float32))
-        for n, m in layers.items():  # the next width starts from the FP weights again
+        for n, m in io.layers.items():  # the next width starts from the FP weights again
             m.weight.data = fp[n].clone()
     return variants
 
 
 @torch.no_grad()
-def build_database(inp: "PlanInput", cfg: EvoPressConfig, db: E.Database) -> None:
-    """Every target layer at every level, block by block on the FP model (one block in memory)."""
-    from ..models import find_blocks, materialize, release
-    from ..runner import BlockIO, Context, _hidden_size, cache_device, capture_block_inputs
-
+def build_database(inp: PlanInput, cfg: EvoPressConfig, db: Database) -> None:
+    """Every target layer at every level, block by block on the FP model (stream_blocks: one block in memory)."""
     model, ctx = inp.model, inp.ctx
-    blocks_prefix, blocks = find_blocks(model)
+    n_blocks = len(find_blocks(model)[1])
     needs_data = cfg.space == "bits" and PASSES[cfg.candidate].needs_data
-    inputs, kwargs = [], []
-    if needs_data:
-        materialize(model, "", inp.ckpt, ctx.device, exclude=blocks_prefix)
-        cache = cache_device(ctx, inp.windows.numel() * _hidden_size(model) * 4 * 2)
-        inputs, kwargs = capture_block_inputs(model, blocks[0], inp.windows, ctx.batch_size, ctx.device, cache)
-        release(model, "", exclude=blocks_prefix)
     quiet = Context(device=ctx.device, seed=ctx.seed)
-    for i, block in enumerate(blocks):
-        prefix = f"{blocks_prefix}.{i}"
-        materialize(model, prefix, inp.ckpt, ctx.device)
-        layers = {n: m for n, m in ((f"{prefix}.{n}", m) for n, m in block.named_modules()) if n in db.space.layers}
-        kept = all(db.has_layer(n) for n in layers)  # from an interrupted build: only the FP forward is needed
-        # the FP block's outputs: the next block's inputs, and the targets of a reconstructing candidate
-        outputs = BlockIO(prefix, inputs, kwargs, {}).forward(block) if needs_data else None
+    for i, block, io in stream_blocks(model, inp.ckpt, inp.windows, ctx, data=needs_data):
+        io.layers = {n: m for n, m in ((f"{io.prefix}.{n}", m) for n, m in block.named_modules()) if n in db.space.layers}
+        kept = all(db.has_layer(n) for n in io.layers)  # from an interrupted build: only the FP forward is needed
+        if needs_data:  # the FP block's outputs: the next block's inputs, and the targets of a reconstructing candidate
+            io.outputs = io.forward(block)
         if not kept:
-            for n, vs in _block_variants(cfg, block, prefix, inputs, kwargs, layers, quiet, outputs).items():
+            for n, vs in _block_variants(cfg, block, io, quiet).items():
                 db.write_layer(n, vs)
-        if needs_data:
-            inputs = outputs
-        ctx.log(f"evopress database: block {i + 1}/{len(blocks)}" + (" (kept from an earlier build)" if kept else ""))
-        release(model, prefix)
+        ctx.log(f"evopress database: block {i + 1}/{n_blocks}" + (" (kept from an earlier build)" if kept else ""))
     db.finish()
 
 
 def depth_units(model: nn.Module, select) -> tuple[list[str], dict[str, str], dict[str, list[str]]]:
     """The residual sub-blocks of a Llama-style decoder: their names ("<block>.self_attn", "<block>.mlp"), each
     one's output projection, and its Linears that the recipe targets (the output projection must be one)."""
-    from ..models import find_blocks
-
     prefix, blocks = find_blocks(model)
     units, out_proj, linears = [], {}, {}
     for i, block in enumerate(blocks):
@@ -200,38 +244,34 @@ def depth_units(model: nn.Module, select) -> tuple[list[str], dict[str, str], di
     return units, out_proj, linears
 
 
-def _search(inp: "PlanInput", cfg: EvoPressConfig, space: E.LevelSpace, variants: dict[str, list[torch.Tensor]],
+def _search(inp: PlanInput, cfg: EvoPressConfig, space: E.LevelSpace, variants: dict[str, list[Tensor]],
             start: E.State, trace_dir: Path, extra: dict, identity: dict) -> E.State:
     """The evolution on the FP model (materialized here) with the KL fitness; the trace goes to `trace_dir`.
     `identity`: what the variants come from (the model files' digests, the database key), for the checkpoint's key."""
-    import json
-
-    from ..models import materialize, release
-
     ctx = inp.ctx
     pool = inp.windows[: cfg.fitness_samples, : cfg.fitness_seq_len]
     # the search's checkpoint: keyed by what its course depends on (not `generations`: more of them extend it)
-    ck_key = E.database_key({"spec": {k: v for k, v in inp.spec.to_yaml_dict().items() if k != "generations"},
-                             **identity, "pool": E.database_key({"w": pool.tolist()}), "device": str(ctx.device)})
+    ck_key = database_key({"spec": {k: v for k, v in inp.spec.to_yaml_dict().items() if k != "generations"},
+                             **identity, "pool": database_key({"w": pool.tolist()}), "device": str(ctx.device)})
     trace_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = trace_dir / f"search-{ck_key}.json"
     if checkpoint.is_file():
         ctx.log(f"evopress: going on from the search checkpoint {checkpoint}")
     materialize(inp.model, "", inp.ckpt, ctx.device)
     try:
-        fit = E.KLFitness(inp.model, pool, space.layers, variants, cfg.stage_windows, cfg.topk, ctx.device,
+        fit = measure.KLFitness(inp.model, pool, space.layers, variants, cfg.stage_windows, cfg.topk, ctx.device,
                           getattr(torch, cfg.fitness_dtype), cfg.fitness)
         unit = {"bits": "bits", "sparsity": "sparsity", "depth": "dropped"}[cfg.space]
         label = "KL" if cfg.fitness == "kl" else "log-perplexity"
         state, trace = E.evolve(space, fit, start, cfg.generations, cfg.offspring, cfg.survivors, seed=ctx.seed,
                                 on_generation=lambda g: ctx.log(f"evopress generation {g['generation']}/{cfg.generations}: "
                                                                 f"{label} {g['fitness']:.5f}, {g['average']:.3f} {unit}, {g['seconds']:.0f} s"),
-                                checkpoint=checkpoint)
+                                **search_checkpoint(checkpoint))
         start_fit = fit.kl(start, list(range(len(pool)))) if cfg.generations else None
         final_fit = fit.kl(state, list(range(len(pool)))) if cfg.generations else None
     finally:
         release(inp.model, "")
-    (trace_dir / f"trace-{E.database_key(inp.spec.to_yaml_dict())}.json").write_text(json.dumps(
+    (trace_dir / f"trace-{database_key(inp.spec.to_yaml_dict())}.json").write_text(json.dumps(
         {"space": cfg.space, "target": cfg.target, "start_average": space.average(start), "average": space.average(state),
          "start_fitness_pool": start_fit, "final_fitness_pool": final_fit, "generations": trace.to_json(), **extra},
         indent=1))
@@ -240,11 +280,8 @@ def _search(inp: "PlanInput", cfg: EvoPressConfig, space: E.LevelSpace, variants
     return state
 
 
-def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
+def plan(inp: PlanInput) -> dict[str, dict[str, Any]]:
     """The level of every layer (see the module docstring)."""
-    from ..files import sha256_file
-    from ..models import find_blocks, materialize, release
-
     cfg: EvoPressConfig = inp.spec.config  # type: ignore[assignment]
     ctx, model = inp.ctx, inp.model
     model_digests = [sha256_file(f) for f in sorted({Path(f) for f in inp.ckpt.files.values()})]
@@ -257,7 +294,7 @@ def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
         materialize(model, "", inp.ckpt, ctx.device)
         try:
             blocks_prefix, blocks = find_blocks(model)
-            infl = E.subblock_influence(model, blocks, inp.windows[: cfg.fitness_samples, : cfg.fitness_seq_len],
+            infl = measure.subblock_influence(model, blocks, inp.windows[: cfg.fitness_samples, : cfg.fitness_seq_len],
                                         tuple(c for c, _ in SUBBLOCKS), ctx.device)
             variants = {out_proj[u]: [model.get_submodule(out_proj[u]).weight.data.clone().cpu(),
                                       torch.zeros_like(model.get_submodule(out_proj[u]).weight.data).cpu()] for u in units}
@@ -283,12 +320,12 @@ def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
     sizes = tuple(model.get_submodule(n).weight.numel() for n in layers)
     space = E.LevelSpace(tuple(layers), sizes, tuple(cfg.level_values))
     data = cfg.space == "bits" and PASSES[cfg.candidate].needs_data
-    key = E.database_key({"model": model_digests, "space": cfg.space,
+    key = database_key({"model": model_digests, "space": cfg.space,
                           "candidate": cfg.candidate if cfg.space == "bits" else "magnitude",
                           "options": cfg.candidate_config(int(cfg.level_values[0])).model_dump() if cfg.space == "bits" else {},
                           "levels": cfg.level_values, "layers": layers,
-                          "windows": E.database_key({"w": inp.windows.tolist()}) if data else None})
-    db = E.Database(_db_root(cfg, key), key, space)
+                          "windows": database_key({"w": inp.windows.tolist()}) if data else None})
+    db = Database(_db_root(cfg, key), key, space)
     if db.complete():
         ctx.log(f"evopress: database {db.root} (reused)")
     else:
@@ -315,7 +352,7 @@ def _mask_role(cfg: EvoPressConfig) -> str | None:
 
 
 @register_pass("evopress", EvoPressConfig, plan=plan, needs=_needs, masks=_mask_role)
-def evopress(block: nn.Module, io: "BlockIO", cfg: EvoPressConfig, ctx: "Context") -> dict[str, Any]:
+def evopress(block: nn.Module, io: BlockIO, cfg: EvoPressConfig, ctx: Context) -> dict[str, Any]:
     """EvoPress: each layer at the level the evolutionary search chose (a bit width, a sparsity, or dropped)."""
     if cfg.space == "sparsity":
         return {n: P.pruned(lin.weight.data, float(io.assignment.get(n, {}).get("sparsity", cfg.target)))
@@ -326,7 +363,7 @@ def evopress(block: nn.Module, io: "BlockIO", cfg: EvoPressConfig, ctx: "Context
     for name, lin in io.layers.items():
         bits = int(io.assignment.get(name, {}).get("bits", round(cfg.target)))
         by_bits.setdefault(bits, {})[name] = lin
-    out: dict[str, "QWeight"] = {}
+    out: dict[str, QWeight] = {}
     layers = io.layers
     try:
         for bits, group in sorted(by_bits.items()):

@@ -10,18 +10,14 @@ compressed-tensors, the same as round-to-nearest.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from ..blocks import BlockIO, Context
 from ..quant import QWeight
 from . import register_pass
 from .reconstruct import LearnedWeight, ReconConfig, learn_rounding, round_ste
-
-if TYPE_CHECKING:
-    from ..runner import BlockIO, Context
 
 
 class FlexRoundConfig(ReconConfig):
@@ -72,7 +68,7 @@ class FlexRoundWeight(LearnedWeight):
 
 
 @register_pass("flexround", FlexRoundConfig, needs_targets=True)
-def flexround(block: nn.Module, io: "BlockIO", cfg: FlexRoundConfig, ctx: "Context",
+def flexround(block: nn.Module, io: BlockIO, cfg: FlexRoundConfig, ctx: Context,
               exact: dict[str, Tensor] | None = None) -> dict[str, QWeight]:
     """FlexRound: learned element-wise division before rounding, by block-output reconstruction."""
     return learn_rounding("flexround", block, io, cfg, ctx,

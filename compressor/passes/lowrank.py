@@ -1,4 +1,4 @@
-"""Low-rank factorisation of Linear layers (compressor/lowrank.py): onto the utilized subspace, or the baselines
+"""Low-rank factorisation of Linear layers (compressor/algorithms/lowrank.py): onto the utilized subspace, or the baselines
 (truncated SVD of W, activation-aware SVD).
 
 Per target Linear of the block, from its calibration inputs' second moment C = X^T X / N:
@@ -16,17 +16,21 @@ does not know the layout.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+import time
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from .. import lowrank as L
-from . import PassConfig, register_pass
-
-if TYPE_CHECKING:
-    from ..runner import BlockIO, Context, PlanInput
+from .. import measure
+from ..algorithms import lowrank as L
+from ..algorithms.allocate import allocate
+from ..blocks import BlockIO, Context, stream_fp_layers
+from ..errors import BadInput
+from ..lowrank import LowRankWeight
+from ..models import materialize, release
+from . import PassConfig, PlanInput, register_pass
 
 
 class LowRankConfig(PassConfig):
@@ -53,44 +57,16 @@ class LowRankConfig(PassConfig):
 
 
 def factorise(w: torch.Tensor, c: torch.Tensor | None, cfg: LowRankConfig,
-              eig: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[L.LowRankWeight | None, int]:
-    """One layer's factors (None where they would not save numbers) and the rank chosen."""
-    d_out, d_in = w.shape
-    r = None if cfg.params is None else L.rank_for_params(cfg.params, d_in, d_out)
-    if cfg.method == "utilized":
-        sub = L.utilized_subspaces(w, c, cfg.tau, eig=eig, k_in=r, k_out=r)
-        r = sub.rank
-        if not L.saves_params(r, d_in, d_out):
-            return None, r
-        a, b = L.utilized_factors(w, sub)
-    elif not L.saves_params(r, d_in, d_out):
-        return None, r
-    elif cfg.method == "svd":
-        a, b = L.svd_factors(w, r)
-    else:
-        a, b = L.activation_svd_factors(w, c, r, cfg.damp)
-    return L.LowRankWeight(a.to(w.dtype), b.to(w.dtype)), r
+              eig: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[LowRankWeight | None, int]:
+    """One layer's factors under `cfg` (None where they would not save numbers) and the rank chosen."""
+    ab, r = L.factorise(w, c, cfg.method, cfg.tau, cfg.params, cfg.damp, eig)
+    return (None if ab is None else LowRankWeight(*ab)), r
 
 
-def level_cost(f: float, d_in: int, d_out: int) -> int:
-    """Numbers a layer stores at level `f`: its factors at the budget's rank, or the dense weight (f = 1, or a rank
-    that would save nothing)."""
-    r = L.rank_for_params(f, d_in, d_out)
-    return r * (d_in + d_out) if f < 1 and L.saves_params(r, d_in, d_out) else d_in * d_out
-
-
-def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
+def plan(inp: PlanInput) -> dict[str, dict[str, Any]]:
     """allocation dp: each target Linear factorised alone at each level, the model's output distortion on
-    `curve_samples` windows (the pruning DP's curves, compressor.prune), then the least summed distortion whose
-    stored numbers fit `params` of the total (compressor.allocate). The result: {layer: {params: fraction}}."""
-    import time
-
-    from .. import prune as P
-    from ..allocate import allocate
-    from ..errors import BadInput
-    from ..models import materialize, release
-    from ..runner import stream_fp_layers
-
+    `curve_samples` windows (the pruning DP's curves, compressor.measure), then the least summed distortion whose
+    stored numbers fit `params` of the total (algorithms.allocate). The result: {layer: {params: fraction}}."""
     cfg: LowRankConfig = inp.spec.config  # type: ignore[assignment]
     if cfg.allocation != "dp":
         return {}
@@ -107,7 +83,7 @@ def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
     layers = list(shapes)
     materialize(inp.model, "", inp.ckpt, ctx.device)
     try:
-        streams = P.BlockStreams(inp.model, inp.windows[: cfg.curve_samples, : cfg.curve_seq_len], ctx.batch_size, ctx.device)
+        streams = measure.BlockStreams(inp.model, inp.windows[: cfg.curve_samples, : cfg.curve_seq_len], ctx.batch_size, ctx.device)
         cache: dict[str, Any] = {}
 
         def variant(name: str, k: int):
@@ -122,11 +98,11 @@ def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
                               cfg.model_copy(update={"params": f}), cache["eig"])
             return w if lw is None else lw.dequantize(w.dtype)
 
-        curves = P.distortion_curves(streams, inp.model, layers, cfg.levels, variant=variant,
+        curves = measure.distortion_curves(streams, inp.model, layers, cfg.levels, variant=variant,
                                      on_layer=lambda i, n, name: ctx.log(f"lowrank curves {i + 1}/{n} {name}"))
     finally:
         release(inp.model, "")
-    costs = [[level_cost(f, shapes[n][1], shapes[n][0]) for f in cfg.levels] for n in layers]
+    costs = [[L.level_cost(f, shapes[n][1], shapes[n][0]) for f in cfg.levels] for n in layers]
     total = sum(o * i for o, i in shapes.values())
     pick = allocate(costs, [curves[n] for n in layers], cfg.params * total, cfg.units)
     kept = sum(c[k] for c, k in zip(costs, pick)) / total
@@ -141,7 +117,7 @@ def _needs(cfg: LowRankConfig) -> tuple[bool, bool]:
 
 @register_pass("lowrank", LowRankConfig, needs=_needs, plan=plan, factors=True)
 @torch.no_grad()
-def lowrank(block: nn.Module, io: "BlockIO", cfg: LowRankConfig, ctx: "Context") -> dict[str, L.LowRankWeight]:
+def lowrank(block: nn.Module, io: BlockIO, cfg: LowRankConfig, ctx: Context) -> dict[str, LowRankWeight]:
     """Low-rank factors of each Linear: onto its utilized subspace, or truncated / activation-aware SVD."""
     names = list(io.layers)
     moments = {} if cfg.method == "svd" else io.input_second_moments(block, names)

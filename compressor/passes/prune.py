@@ -2,8 +2,8 @@
 
 Plan (before any block, on the FP model): the per-layer sparsity for the overall target, by `allocation`:
 - `dp`: distortion curves (each Linear pruned alone at levels 0..max_sparsity, the model's output distortion
-  on `curve_samples` calibration windows, compressor.prune), then the least summed distortion whose kept
-  weights fit the budget (compressor.allocate);
+  on `curve_samples` calibration windows, compressor.measure), then the least summed distortion whose kept
+  weights fit the budget (algorithms/prune.py, algorithms/allocate.py);
 - `uniform`: every layer at the target; `global`: one magnitude threshold over all layers; `owl`: blocks with
   more activation outliers pruned less (Yin et al. 2023), within +-owl_lambda of the target.
 The assignment ({layer: {sparsity}}) goes into the artifact's recipe.yaml. Block stage: each layer pruned by
@@ -13,19 +13,19 @@ takes the pruned layers with their masks and keeps the pruned weights at exactly
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from .. import prune as P
+from .. import measure
+from ..algorithms import prune as P
+from ..blocks import BlockIO, Context
 from ..errors import BadInput
-from . import PassConfig, register_pass
-
-if TYPE_CHECKING:
-    from ..runner import BlockIO, Context, PlanInput
-    from ..sparse import SparseWeight
+from ..models import find_blocks, materialize, release
+from ..sparse import SparseWeight
+from . import PassConfig, PlanInput, register_pass
 
 
 class PruneConfig(PassConfig):
@@ -52,10 +52,8 @@ class PruneConfig(PassConfig):
             raise ValueError(f"uniform {self.structure} prunes {1 - nm[0] / nm[1]:g}; set sparsity to that")
 
 
-def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
+def plan(inp: PlanInput) -> dict[str, dict[str, Any]]:
     """The per-layer sparsity (see the module docstring)."""
-    from ..models import find_blocks, materialize, release
-
     cfg: PruneConfig = inp.spec.config  # type: ignore[assignment]
     ctx = inp.ctx
     nm = P.parse_structure(cfg.structure)
@@ -88,9 +86,9 @@ def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
             sizes = {n: m.weight.numel() for n, m in layers.items()}
             curves = None
             if cfg.allocation == "dp":
-                streams = P.BlockStreams(inp.model, inp.windows[: cfg.curve_samples, : cfg.curve_seq_len],
+                streams = measure.BlockStreams(inp.model, inp.windows[: cfg.curve_samples, : cfg.curve_seq_len],
                                          ctx.batch_size, ctx.device)
-                curves = P.distortion_curves(
+                curves = measure.distortion_curves(
                     streams, inp.model, layers, levels, cfg.structure, cfg.metric, local=cfg.distortion == "block",
                     on_layer=lambda i, n, name: ctx.log(f"prune curves {i + 1}/{n} {name}"))
                 del streams
@@ -107,15 +105,13 @@ def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
 
 
 def _block_of(model: nn.Module):
-    from ..models import find_blocks
-
     prefix, _ = find_blocks(model)
-    return lambda name: f"{prefix}.{P.block_index(prefix, name)}"
+    return lambda name: f"{prefix}.{measure.block_index(prefix, name)}"
 
 
 @register_pass("prune", PruneConfig, needs_data=False, plan=plan, masks="makes")
 @torch.no_grad()
-def prune(block: nn.Module, io: "BlockIO", cfg: PruneConfig, ctx: "Context") -> dict[str, "SparseWeight"]:
+def prune(block: nn.Module, io: BlockIO, cfg: PruneConfig, ctx: Context) -> dict[str, SparseWeight]:
     """Magnitude pruning to each layer's planned sparsity (dp, uniform, global or OWL allocation)."""
     out = {}
     for name, lin in io.layers.items():

@@ -15,18 +15,16 @@ from __future__ import annotations
 import abc
 import math
 import zlib
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..blocks import BlockIO, Context, hidden, rel_sq_err, slice_kwargs, to_device
 from ..quant import QWeight, SparseResidual, expand_groups, find_qparams, masked_zero, qrange
 from . import QuantConfig, layer_group_size
-
-if TYPE_CHECKING:
-    from ..runner import BlockIO, Context
 
 
 BATCH_TOKENS = 512  # tokens per training step when batch_samples is not set
@@ -103,9 +101,9 @@ class LearnedWeight(nn.Module, abc.ABC):
 def learn_rounding(
     label: str,
     block: nn.Module,
-    io: "BlockIO",
+    io: BlockIO,
     cfg: ReconConfig,
-    ctx: "Context",
+    ctx: Context,
     make: Callable[[Tensor, Tensor, Tensor | None, int], LearnedWeight],
     lr_decay: bool,
     regularizer_for: Callable[[dict[str, LearnedWeight]], Callable[[int], Tensor | None]] | None = None,
@@ -136,9 +134,9 @@ def learn_rounding(
 
 def reconstruct(
     block: nn.Module,
-    io: "BlockIO",
+    io: BlockIO,
     quantizers: dict[str, LearnedWeight],
-    ctx: "Context",
+    ctx: Context,
     iters: int,
     lr: float,
     batch_samples: int | None,
@@ -152,8 +150,6 @@ def reconstruct(
     The block's own parameters are not changed. Returns the hard-rounded QWeights and their relative error on
     the first cached batch before and after training ({"before", "after"}; single windows differ too much
     to compare)."""
-    from ..runner import _hidden  # runner imports the pass registry, so not at module level
-
     if io.targets is None:
         raise RuntimeError("block reconstruction needs the FP targets; register the pass with needs_targets=True")
     local = {name: name[len(io.prefix) + 1 :] + ".weight" for name in quantizers}
@@ -174,7 +170,7 @@ def reconstruct(
         for step in range(iters):
             x, t, kw = _minibatch(io, sizes, batch_samples, gen, ctx.device)
             weights = {local[n]: q().to(dtypes[n]) for n, q in quantizers.items()}
-            y = _hidden(functional_call(block, weights, (x,), kw)).float()
+            y = hidden(functional_call(block, weights, (x,), kw)).float()
             loss = (y - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-30)
             reg = None if regularizer is None else regularizer(step)
             if reg is not None:
@@ -197,25 +193,21 @@ def _hard(quantizers: dict[str, LearnedWeight]) -> dict[str, QWeight]:
 
 
 @torch.no_grad()
-def _hard_error(block: nn.Module, io: "BlockIO", qweights: dict[str, QWeight], local: dict[str, str],
+def _hard_error(block: nn.Module, io: BlockIO, qweights: dict[str, QWeight], local: dict[str, str],
                 dtypes: dict[str, torch.dtype], device: torch.device) -> float:
     """sum (y - t)^2 / sum t^2 on the first cached batch, with the block's layers set to `qweights`."""
-    from ..runner import _hidden, rel_sq_err, to_device
-
     weights = {local[n]: qw.dequantize(dtypes[n]).to(device) for n, qw in qweights.items()}
     kw = {k: to_device(v, device) for k, v in io.kwargs[0].items()}
-    y = _hidden(functional_call(block, weights, (io.inputs[0].to(device),), kw))
+    y = hidden(functional_call(block, weights, (io.inputs[0].to(device),), kw))
     return rel_sq_err([y], [io.targets[0].to(device)])  # type: ignore[index]
 
 
-def _minibatch(io: "BlockIO", sizes: Tensor, n: int, gen: torch.Generator, device: torch.device):
+def _minibatch(io: BlockIO, sizes: Tensor, n: int, gen: torch.Generator, device: torch.device):
     """`n` random windows of one cached batch (picked in proportion to its size), moved to `device`."""
-    from ..runner import _slice_kwargs, to_device
-
     b = int(torch.multinomial(sizes, 1, generator=gen))
     size = int(sizes[b])
     rows = torch.randperm(size, generator=gen)[: min(n, size)].sort().values
     x, t = io.inputs[b][rows], io.targets[b][rows]  # type: ignore[index]
-    kw = _slice_kwargs(io.kwargs[b], size, rows)
+    kw = slice_kwargs(io.kwargs[b], size, rows)
     kw = {k: to_device(v, device) for k, v in kw.items()}
     return x.to(device), t.to(device), kw

@@ -3,43 +3,39 @@ quantization on top of a base quantizer (rtn, gptq, flexround, adaround). Final 
 a sparse float16 residual (stored as CSR beside the compressed-tensors tensors, DESIGN.md section 4).
 
 1. Self-adaptive outlier selection (plan, before any block): a global budget of outliers, `outlier_fraction`
-   of all target weights, split across layers to minimise the base quantizer's objective. Per layer and per
-   candidate fraction, the objective is the RTN error of the dense rest on its own grid weighted by the input
-   second moments, sum_ij E[x_j^2] (W - Q(W))_ij^2 (the diagonal of GPTQ's layer objective), measured on the
-   FP model; a dynamic program (allocate.py) picks one fraction per layer under the budget. The outliers of a
-   layer are its largest-magnitude weights.
+   of all target weights, split across layers by the DP (algorithms/allocate.py) to minimise the base
+   quantizer's objective, measured per layer and candidate fraction on the FP model (algorithms/requant.py).
+   The outliers of a layer are its largest-magnitude weights.
 2. Dense-and-sparse quantization (block stage): the base pass quantizes each layer with its outliers held
    exactly (its grid is fitted without them; GPTQ spreads no error from them, the learned passes learn around
    them); the residual stores them.
 3. Step-wise significant-weight detach (finish, on the whole model): in `steps` steps, score every weight by
-   PQI against the current quantized model (c_i = dw_i * mean_k dF/dw_i(w + t_k dw), pqi.py), and restore the
-   `significant_fraction / steps` highest-scoring weights of the whole model to their original values in
-   the residual. A step that does not lower the calibration loss F (on the PQI windows) is undone and the
-   detach stops: on a FlexRound base the restores can break the block's learned compensation. Measured on the
-   demo's w3-requant artifact (FlexRound W3 g64, 0.45% outliers, two steps of 26.5k restores by |c|, before this
-   check): persuasion perplexity 46.86 with the restores, 41.23 without them (FlexRound alone 41.90); on
-   Emma 36.38 against 31.61. `selection` swaps the score for a baseline: magnitude |w|, Fisher mean_s g_s^2 dw^2, random.
-   The rank is by |c_i|, the sensitivity, not by the signed c_i: the c_i of single weights are large with both
-   signs and cancel, so restoring only the largest positive ones leaves their negative partners unbalanced.
-   Measured on the demo (RTN W3 g64, 2 windows of 128 tokens, N = 2): restoring the top 100 / 1000 / 26000
-   weights by signed c changed F by -0.32 / -0.70 / +4.28 (dF of the whole quantization 0.76); by |c|,
-   -0.06 / -0.10 / -0.28, and -0.38 at 53000, each within 25% of its prediction.
+   PQI against the current quantized model (c_i = dw_i * mean_k dF/dw_i(w + t_k dw), algorithms/pqi.py), and
+   restore the `significant_fraction / steps` highest-scoring weights of the whole model to their original values
+   in the residual. A step that does not lower the calibration loss F (on the PQI windows) is undone and the
+   detach stops: on a FlexRound base the restores can break the block's learned compensation (measured in
+   bench/results/requant*.md). `selection` swaps the score for a baseline: magnitude |w|, Fisher
+   mean_s g_s^2 dw^2, random. The rank is by |c_i|, the sensitivity, not by the signed c_i: the c_i of single
+   weights are large with both signs and cancel, so restoring only the largest positive ones leaves their
+   negative partners unbalanced (on the demo, RTN W3, 26000 restores by signed c raised F by 4.28, by |c|
+   lowered it by 0.28).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, ValidationError
 from torch import Tensor, nn
 
-from ..allocate import allocate
+from .. import measure
+from ..algorithms import requant as R
+from ..algorithms.allocate import allocate
+from ..algorithms.pqi import top_global
+from ..blocks import BlockIO, Context
 from ..errors import BadInput
-from ..quant import QWeight, SparseResidual, masked_zero, quantize_rtn, resolve_group_size
-from . import PASSES, QuantConfig, register_pass
-
-if TYPE_CHECKING:
-    from ..runner import BlockIO, Context, FinishInput, PlanInput
+from ..quant import QWeight, resolve_group_size
+from . import PASSES, FinishInput, PlanInput, QuantConfig, register_pass
 
 BASES = ("rtn", "gptq", "flexround", "adaround")
 
@@ -75,22 +71,7 @@ class RequantConfig(QuantConfig):
         return PASSES[self.base].config.model_validate({**shared, **self.base_options})
 
 
-def outlier_mask(w: Tensor, count: int) -> Tensor:
-    """The `count` largest-magnitude weights of w (N, K) as a boolean mask."""
-    mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
-    if count > 0:
-        mask[torch.topk(w.abs().reshape(-1), min(count, w.numel())).indices] = True
-    return mask.reshape(w.shape)
-
-
-def objective(w: Tensor, hdiag: Tensor, mask: Tensor | None, cfg: RequantConfig, group_size: int) -> float:
-    """sum_ij E[x_j^2] (W - Q(W))_ij^2 of the dense rest quantized by RTN on its own grid (outliers cost 0)."""
-    qw = quantize_rtn(w, cfg.bits, group_size, cfg.symmetric, cfg.torch_scale_dtype, mse=cfg.mse, exact=mask)
-    err = qw.dequantize_dense().to(w.device) - (w if mask is None else masked_zero(w, mask))
-    return float((err.pow(2) * hdiag.unsqueeze(0)).sum())
-
-
-def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
+def plan(inp: PlanInput) -> dict[str, dict[str, Any]]:
     """Outlier counts per layer: the least summed objective with at most outlier_fraction of all weights."""
     cfg: RequantConfig = inp.spec.config  # type: ignore[assignment]
     names, costs, errors = [], [], []
@@ -98,10 +79,11 @@ def plan(inp: "PlanInput") -> dict[str, dict[str, Any]]:
     for name, lin, hdiag in inp.stream_fp_layers():
         w = lin.weight.data.float()
         g = resolve_group_size(lin.in_features, cfg.group_size, name)
-        counts = sorted({int(round(f * w.numel())) for f in cfg.outlier_levels})
+        counts, errs = R.outlier_options(w, hdiag, cfg.outlier_levels, cfg.bits, g, cfg.symmetric,
+                                         cfg.torch_scale_dtype, cfg.mse)
         names.append(name)
         costs.append([float(c) for c in counts])
-        errors.append([objective(w, hdiag, outlier_mask(w, c) if c else None, cfg, g) for c in counts])
+        errors.append(errs)
         total += w.numel()
     if not names:
         raise BadInput("requant: the recipe's targets select no Linear layer")
@@ -121,15 +103,13 @@ def _needs(cfg: RequantConfig) -> tuple[bool, bool]:
 
 
 @torch.no_grad()
-def _masks(io: "BlockIO") -> dict[str, Tensor]:
-    return {name: outlier_mask(lin.weight.data, int(io.assignment.get(name, {}).get("outliers", 0)))
+def _masks(io: BlockIO) -> dict[str, Tensor]:
+    return {name: R.outlier_mask(lin.weight.data, int(io.assignment.get(name, {}).get("outliers", 0)))
             for name, lin in io.layers.items()}
 
 
-def finish(inp: "FinishInput") -> None:
+def finish(inp: FinishInput) -> None:
     """Step-wise significant-weight detach over the whole model (see the module docstring)."""
-    from .. import pqi
-
     cfg: RequantConfig = inp.spec.config  # type: ignore[assignment]
     if cfg.significant_fraction == 0 or not inp.results:
         return
@@ -153,31 +133,31 @@ def finish(inp: "FinishInput") -> None:
 
     def loss_at(dw: dict[str, Tensor]) -> float:
         """The calibration loss (the F that PQI integrates, on the same windows) at w0 + dw."""
-        pqi.set_weights(params, w0, dw, 1.0)
-        return pqi.loss(model, windows)
+        measure.set_weights(params, w0, dw, 1.0)
+        return measure.loss(model, windows)
 
     try:
         dw = delta()
         f_prev = loss_at(dw)
         for step in range(cfg.steps):
-            held = {n: _held_mask(inp.results[n]) for n in params}
+            held = {n: R.held_mask(inp.results[n]) for n in params}
             if cfg.selection == "pqi":  # |c_i|: ranking by signed c_i overshoots (see the module docstring)
-                scores = {n: c.abs_() for n, c in pqi.pqi(
+                scores = {n: c.abs_() for n, c in measure.pqi(
                     model, params, w0, dw, windows, cfg.intervals,
                     tick=lambda msg: ctx.log(f"requant detach step {step + 1}/{cfg.steps}: {msg}")).items()}
             elif cfg.selection == "fisher":
                 if fisher is None:
-                    pqi.set_weights(params, w0, dw, 0.0)
-                    fisher = pqi.gradient(model, params, windows, per_window_sq=True)
+                    measure.set_weights(params, w0, dw, 0.0)
+                    fisher = measure.gradient(model, params, windows, per_window_sq=True)
                 scores = {n: fisher[n] * dw[n].float().pow(2) for n in params}
             elif cfg.selection == "magnitude":
                 scores = {n: w0[n].abs() for n in params}
             else:
                 scores = {n: torch.rand(w0[n].shape, generator=gen) for n in params}
-            chosen = pqi.top_global({n: s.cpu() for n, s in scores.items()}, per_step, held)
+            chosen = top_global({n: s.cpu() for n, s in scores.items()}, per_step, held)
             before = {n: inp.results[n].sparse for n, mask in chosen.items() if mask.any()}
             for n in before:
-                inp.results[n] = _restore(inp.results[n], w0[n].cpu(), chosen[n])
+                inp.results[n] = R.restore(inp.results[n], w0[n].cpu(), chosen[n])
             restored = sum(int(m.sum()) for m in chosen.values())
             dw_new = delta()
             f_new = loss_at(dw_new)
@@ -191,30 +171,13 @@ def finish(inp: "FinishInput") -> None:
                     f"{cfg.selection}; calibration loss {f_prev:.5f} -> {f_new:.5f}")
             f_prev, dw = f_new, dw_new
     finally:
-        pqi.set_weights(params, w0, {n: torch.zeros_like(w) for n, w in w0.items()}, 0.0)  # the FP model again
+        measure.set_weights(params, w0, {n: torch.zeros_like(w) for n, w in w0.items()}, 0.0)  # the FP model again
         for p, flag in frozen:
             p.requires_grad_(flag)
 
 
-def _held_mask(qw: QWeight) -> Tensor:
-    """Positions the residual already holds."""
-    mask = torch.zeros(qw.q.numel(), dtype=torch.bool)
-    if qw.sparse is not None:
-        mask[qw.sparse.idx] = True
-    return mask.reshape(qw.shape)
-
-
-def _restore(qw: QWeight, w0: Tensor, mask: Tensor) -> QWeight:
-    """qw with the masked weights restored to w0 (added to its residual)."""
-    held = _held_mask(qw)
-    target = qw.dequantize().clone()
-    target[mask] = w0[mask].to(target.dtype)
-    qw.sparse = SparseResidual.from_dense_mask(target, qw.dequantize_dense(), held | mask)
-    return qw
-
-
 @register_pass("requant", RequantConfig, plan=plan, finish=finish, needs=_needs)
-def requant(block: nn.Module, io: "BlockIO", cfg: RequantConfig, ctx: "Context") -> dict[str, QWeight]:
+def requant(block: nn.Module, io: BlockIO, cfg: RequantConfig, ctx: Context) -> dict[str, QWeight]:
     """ReQuant: dense-and-sparse on a base quantizer (outliers planned per layer, significant weights by PQI)."""
     out = PASSES[cfg.base].fn(block, io, cfg.base_config(), ctx, exact=_masks(io))
     for qw in out.values():

@@ -1,16 +1,12 @@
 """Round-to-nearest: every weight to the nearest point of its group's min/max (or MSE-clipped) grid."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import Tensor, nn
 
-from ..prune import keep_pruned_zero
+from ..algorithms.prune import keep_pruned_zero
+from ..blocks import BlockIO, Context
 from ..quant import QWeight, quantize_rtn
 from . import QuantConfig, layer_group_size, register_pass
-
-if TYPE_CHECKING:
-    from ..runner import BlockIO, Context
 
 
 class RTNConfig(QuantConfig):
@@ -18,7 +14,7 @@ class RTNConfig(QuantConfig):
 
 
 @register_pass("rtn", RTNConfig, needs_data=False, masks="keeps")
-def rtn(block: nn.Module, io: "BlockIO", cfg: RTNConfig, ctx: "Context",
+def rtn(block: nn.Module, io: BlockIO, cfg: RTNConfig, ctx: Context,
         exact: dict[str, Tensor] | None = None) -> dict[str, QWeight]:
     """Round-to-nearest, no calibration data needed (the baseline). `exact`: per layer, weights a sparse
     residual holds exactly (ReQuant's outliers). Pruned layers (io.masks): the grid is fitted on the kept

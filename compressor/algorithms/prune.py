@@ -1,33 +1,27 @@
 """Layer-adaptive magnitude pruning (Xu et al., ICCV 2023, "Efficient Joint Optimization of Layer-Adaptive
-Weight Pruning in Deep Neural Networks"): the math, over tensors and an FP model in memory.
+Weight Pruning in Deep Neural Networks"): the math, over tensors.
 
 - `magnitude_mask`: the kept weights of one layer at a sparsity, unstructured or N:M (in each run of M
-  consecutive weights of a row, the M*s smallest are pruned).
-- `distortion_curves`: for every prunable Linear alone (all others intact) and every sparsity level, the
-  distortion of the model's output: mean squared logit error over the calibration tokens (or KL(FP || pruned)).
-  The FP inputs of every block are cached once, so a layer's variants run only the blocks from its own on;
-  the logit error is computed without the vocabulary projection, as dz^T (W^T W) dz on the final hidden state
-  (exact for a linear head). `local=True` measures at the output of the layer's block instead (fast, not
-  comparable across blocks for the DP's sum, so a heuristic).
-- `joint_distortion`: the same distortion with several layers pruned at once, to test additivity (the DP's
-  assumption: the distortion of a joint pruning is about the sum of the single-layer distortions).
+  consecutive weights of a row, the M*s smallest are pruned); `pruned`: the layer as the artifact's SparseWeight
+  (compressor/sparse.py is that storage format).
 - Allocations of a global sparsity to layers: `uniform`, `global_magnitude` (one threshold over all layers),
   `owl` (Yin et al. 2023: blocks with more activation outliers pruned less) and `dp` (the least summed
-  distortion under the kept-weight budget, compressor.allocate).
+  distortion under the kept-weight budget, algorithms.allocate).
+- `layer_curves`: for every prunable Linear alone (all others intact) and every sparsity level, a distortion
+  (on a model, compressor.measure's: of the model's output, mean squared logit error or KL); `additivity_trials`:
+  random joint prunings against the sum of their single-layer distortions, the DP's assumption.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from . import sparse
+from .. import sparse
+from ..errors import BadInput
+from ..quant import QWeight
 from .allocate import allocate
-from .errors import BadInput
-
-if TYPE_CHECKING:
-    from .quant import QWeight
 
 
 def parse_structure(structure: str) -> tuple[int, int] | None:
@@ -67,7 +61,7 @@ def magnitude_mask(w: Tensor, sparsity: float, structure: str = "unstructured") 
     return keep.reshape(n_rows, k)
 
 
-def pruned(w: Tensor, sparsity: float, structure: str = "unstructured") -> "sparse.SparseWeight":
+def pruned(w: Tensor, sparsity: float, structure: str = "unstructured") -> sparse.SparseWeight:
     """W pruned by magnitude to `sparsity` (magnitude_mask) as the artifact's sparse weight; 1.0 prunes all of it
     (a dropped sub-block's layers)."""
     mask = magnitude_mask(w, sparsity, structure)
@@ -86,7 +80,7 @@ def sparsity_levels(levels: int, max_sparsity: float, structure: str = "unstruct
     return [k * max_sparsity / levels for k in range(levels + 1)]
 
 
-def keep_pruned_zero(qw: "QWeight", kept: Tensor, structure: str) -> "QWeight":
+def keep_pruned_zero(qw: QWeight, kept: Tensor, structure: str) -> QWeight:
     """A quantized weight of a pruned layer: the pruned weights' codes set to the grid's zero (the zero point, or
     0 when symmetric), so they dequantize to exactly 0, and the mask attached (the artifact's bitmask)."""
     qw.q = torch.where(kept.to(qw.q.device), qw.q, qw.zero_codes())
@@ -189,138 +183,38 @@ def snap_to_levels(alloc: dict[str, float], sizes: dict[str, int], levels: list[
     return out
 
 
-# ----------------------------------------------------------------------------------- distortion of the output
+# ------------------------------------------------------------------------------------------ the curves' loops
 
-class OutputHead:
-    """What follows the last block: the final norm (if any) and a linear head. distortion(z, z_fp) is the mean
-    over tokens of ||head(z) - head(z_fp)||^2 / vocab, computed as dz^T G dz / V with G = W^T W; with no head
-    (encoders) the mean squared error of the final hidden state."""
-
-    def __init__(self, model: nn.Module):
-        base = getattr(model, getattr(model, "base_model_prefix", ""), None) or model
-        self.norm = next((getattr(base, n) for n in ("norm", "final_layernorm", "ln_f") if hasattr(base, n)), None)
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        self.head = head if isinstance(head, nn.Linear) else None
-        if self.head is not None:
-            w = self.head.weight.detach().float()
-            self.gram = w.T @ w
-            self.vocab = w.shape[0]
-
-    @torch.no_grad()
-    def final(self, h: Tensor) -> Tensor:
-        return (self.norm(h) if self.norm is not None else h).float()
-
-    def distortion(self, z: Tensor, z_fp: Tensor) -> float:
-        """Summed over the tokens of this batch (divide by the token count)."""
-        dz = (z - z_fp).reshape(-1, z.shape[-1])
-        if self.head is None:
-            return float(dz.pow(2).sum() / dz.shape[-1])
-        return float(((dz @ self.gram.to(dz.device)) * dz).sum() / self.vocab)
-
-    def kl(self, z: Tensor, z_fp: Tensor) -> float:
-        """sum over tokens of KL(softmax(head(z_fp)) || softmax(head(z)))."""
-        if self.head is None:
-            raise BadInput("KL distortion needs a model with a language-model head; use metric: mse")
-        lp = torch.log_softmax(self.head(z.to(self.head.weight.dtype)).float(), -1)
-        lq = torch.log_softmax(self.head(z_fp.to(self.head.weight.dtype)).float(), -1)
-        return float((lq.exp() * (lq - lp)).sum())
-
-
-class BlockStreams:
-    """The FP model's input of every block on the calibration windows (and the final hidden state), cached
-    once: a layer's pruned variant then runs only from its own block on."""
-
-    def __init__(self, model: nn.Module, windows: Tensor, batch_size: int, device: torch.device):
-        from .models import find_blocks
-        from .runner import BlockIO, capture_block_inputs
-
-        self.prefix, self.blocks = find_blocks(model)
-        inputs, self.kwargs = capture_block_inputs(model, self.blocks[0], windows, batch_size, device)
-        self.inputs = [inputs]
-        for i, block in enumerate(self.blocks):
-            inputs = BlockIO(f"{self.prefix}.{i}", inputs, self.kwargs, {}).forward(block)
-            self.inputs.append(inputs)
-        self.head = OutputHead(model)
-        self.z_fp = [self.head.final(h) for h in self.inputs[-1]]
-        self.tokens = sum(h.shape[0] * h.shape[1] for h in self.inputs[-1])
-
-    @torch.no_grad()
-    def run_from(self, start: int, stop: int | None = None) -> list[Tensor]:
-        from .runner import BlockIO
-
-        h = self.inputs[start]
-        for i in range(start, len(self.blocks) if stop is None else stop):
-            h = BlockIO(f"{self.prefix}.{i}", h, self.kwargs, {}).forward(self.blocks[i])
-        return h
-
-    def output_distortion(self, start: int, metric: str = "mse") -> float:
-        """Mean per token of the output distortion with the blocks from `start` on as they are now."""
-        h = self.run_from(start)
-        f = self.head.kl if metric == "kl" else self.head.distortion
-        return sum(f(self.head.final(x), z) for x, z in zip(h, self.z_fp)) / self.tokens
-
-    def block_distortion(self, i: int) -> float:
-        """Mean per token of the squared error of block i's output (its FP input, its weights as they are now)."""
-        out = self.run_from(i, i + 1)
-        return sum(float((o - t).pow(2).sum()) for o, t in zip(out, self.inputs[i + 1])) / self.tokens
-
-
-def block_index(prefix: str, name: str) -> int:
-    rest = name[len(prefix) + 1:]
-    return int(rest.split(".", 1)[0])
-
-
-@torch.no_grad()
-def distortion_curves(streams: BlockStreams, model: nn.Module, layers: Iterable[str], levels: list[float],
-                      structure: str = "unstructured", metric: str = "mse", local: bool = False,
-                      on_layer: Callable[[int, int, str], None] = lambda i, n, name: None,
-                      variant: Callable[[str, int], Tensor] | None = None) -> dict[str, list[float]]:
-    """Distortion of each layer pruned alone at each level (level 0 included, ~0 by construction). With
+def layer_curves(weights: dict[str, Tensor], levels: list[float], measure: Callable[[str, Tensor], float],
+                 structure: str = "unstructured", on_layer: Callable[[int, int, str], None] = lambda i, n, name: None,
+                 variant: Callable[[str, int], Tensor] | None = None) -> dict[str, list[float]]:
+    """Distortion of each layer pruned alone at each level (level 0 included, 0 by construction): measure(name, w)
+    is the distortion with layer `name`'s weight replaced by w (on a model: compressor.measure). With
     `variant(name, k)`, the layer's weight at level k is that tensor instead (any compression: EvoPress's DP
     baseline measures quantized widths this way), and level 0 is measured too."""
-    layers = list(layers)
     curves: dict[str, list[float]] = {}
-    for j, name in enumerate(layers):
-        on_layer(j, len(layers), name)
-        lin = model.get_submodule(name)
-        w = lin.weight.data
-        b = block_index(streams.prefix, name)
+    for j, (name, w) in enumerate(weights.items()):
+        on_layer(j, len(weights), name)
         row = []
         for k, s in enumerate(levels):
             if s == 0 and variant is None:
                 row.append(0.0)
                 continue
-            lin.weight.data = w * magnitude_mask(w, s, structure) if variant is None else variant(name, k).to(w)
-            try:
-                row.append(streams.block_distortion(b) if local else streams.output_distortion(b, metric))
-            finally:
-                lin.weight.data = w
+            row.append(measure(name, w * magnitude_mask(w, s, structure) if variant is None else variant(name, k).to(w)))
         curves[name] = row
     return curves
 
 
-@torch.no_grad()
-def joint_distortion(streams: BlockStreams, model: nn.Module, alloc: dict[str, float], structure: str = "unstructured",
-                     metric: str = "mse") -> float:
-    """The output distortion with every layer of `alloc` pruned at its sparsity at once."""
-    saved = {}
-    try:
-        for name, s in alloc.items():
-            lin = model.get_submodule(name)
-            saved[name] = lin.weight.data
-            if s > 0:
-                lin.weight.data = saved[name] * magnitude_mask(saved[name], s, structure)
-        start = min((block_index(streams.prefix, n) for n, s in alloc.items() if s > 0), default=len(streams.blocks))
-        return streams.output_distortion(start, metric)
-    finally:
-        for name, w in saved.items():
-            model.get_submodule(name).weight.data = w
+def pruned_dense(weights: dict[str, Tensor], alloc: dict[str, float], structure: str = "unstructured") -> dict[str, Tensor]:
+    """Each layer of `alloc` with a sparsity above 0, pruned by magnitude to it (W * mask, dense)."""
+    return {name: weights[name] * magnitude_mask(weights[name], s, structure) for name, s in alloc.items() if s > 0}
 
 
-def additivity(streams: BlockStreams, model: nn.Module, curves: dict[str, list[float]], levels: list[float],
-               trials: int, seed: int, structure: str = "unstructured", metric: str = "mse") -> list[dict[str, float]]:
+def additivity_trials(curves: dict[str, list[float]], levels: list[float], trials: int, seed: int,
+                      joint: Callable[[dict[str, float]], float]) -> list[dict[str, float]]:
     """`trials` random allocations (each layer a random level, drawn up to a random cap so the total ranges from
-    light to heavy): the joint distortion against the sum of the single-layer ones."""
+    light to heavy): joint(alloc), the distortion with all of them pruned at once, against the sum of the
+    single-layer ones (the DP's assumption is that the two are about equal)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     names = list(curves)
@@ -329,8 +223,7 @@ def additivity(streams: BlockStreams, model: nn.Module, curves: dict[str, list[f
         picks = torch.randint(0, cap + 1, (len(names),), generator=g).tolist()
         alloc = {n: levels[k] for n, k in zip(names, picks)}
         summed = sum(curves[n][k] for n, k in zip(names, picks))
-        out.append({"summed": summed, "joint": joint_distortion(streams, model, alloc, structure, metric),
-                    "mean_sparsity": sum(alloc.values()) / len(alloc)})
+        out.append({"summed": summed, "joint": joint(alloc), "mean_sparsity": sum(alloc.values()) / len(alloc)})
     return out
 
 

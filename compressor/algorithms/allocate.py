@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .errors import BadInput
+from ..errors import BadInput
 
 
 def allocate(costs: list[list[float]], errors: list[list[float]], budget: float, units: int = 2000) -> list[int]:
