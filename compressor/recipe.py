@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import BadInput
 from .passes import PASSES, PassConfig
+from .targets import matches
 
 
 RECIPE_VERSION = 1  # the recipe format this compressor reads and writes
@@ -85,13 +86,6 @@ class Recipe(BaseModel):
         except ValidationError as e:
             raise BadInput(f"calibration: {_format_errors(e)}") from None
         return self.model_copy(update={"calibration": cal})
-
-
-def matches(pattern: str, name: str) -> bool:
-    """A target: `re:<regex>` (re.match on the full module name), an exact name, or a dotted suffix."""
-    if pattern.startswith("re:"):
-        return re.match(pattern[3:], name) is not None
-    return name == pattern or name.endswith("." + pattern)
 
 
 def _format_errors(e: ValidationError) -> str:

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from compressor.errors import BadInput
-from compressor.recipe import load_recipe, matches, parse_recipe, shipped_recipes
+from compressor.recipe import load_recipe, parse_recipe, shipped_recipes
+from compressor.targets import matches
 
 
 def test_shipped_recipes_parse_and_round_trip():

@@ -19,7 +19,7 @@ from ..models import (Checkpoint, ModelSource, checkpoint_key, is_causal_lm, loa
                       pick_device, read_json_object, resolve_model, skeleton)
 from ..modules import QuantLinear
 from ..quant import QWeight, pack_int32, qweight_from_tensors
-from ..recipe import matches
+from ..targets import matches
 from ..sparse import SUFFIXES as SPARSE_SUFFIXES, SparseWeight
 from .manifest import MANIFEST, MANIFEST_DIGEST, SPARSE_BITMASK, file_hashes, source_files
 
