@@ -11,12 +11,11 @@ import torch
 
 from . import measure as pqi
 from .algorithms import lowrank as LR
-from .api import prepare
 from .data import check_window_request, load_windows
 from .errors import BadInput
 from .models import Checkpoint, load_dense, load_tokenizer, pick_device, resolve_model, skeleton
 from .blocks import Context, check_calibration, stream_fp_layers
-from .runner import run_blocks
+from .runner import prepare, run_blocks
 
 
 def quantize_in_memory(model: str, recipe: str | Path, calib: list[str | Path] | None, samples: int | None,

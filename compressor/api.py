@@ -14,33 +14,12 @@ from torch import nn
 from .artifact.manifest import MANIFEST, layer_entry, source_record, write_metadata
 from .artifact.reader import VERIFY_PROMPT, describe, load_model, manifest_check, recorded_base, transformers_check
 from .artifact.writer import ArtifactWriter, check_output
-from .data import DEFAULT_CORPUS, load_windows
+from .data import DEFAULT_CORPUS
 from .errors import BadInput
 from .evaluate import evaluate
-from .models import (Checkpoint, ModelSource, find_blocks, is_causal_lm, load_tokenizer, pick_device, resolve_model,
-                     skeleton)
-from .recipe import load_recipe
-from .blocks import Context, check_calibration
-from .runner import BlockResult, block_tensors, checkpoint_key_prefix, run_blocks
-
-
-def prepare(model: str, recipe: str | Path, calib, samples, seq_len, seed, device: str, log: Callable[[str], None],
-             allow_pickle: bool = False, trust_remote_code: bool = False):
-    """What a run needs before its blocks: (recipe, device, model source, calibration windows, their info);
-    seeds torch with the calibration seed."""
-    rec = load_recipe(recipe).with_calibration(samples=samples, seq_len=seq_len, seed=seed)
-    dev = pick_device(device)
-    src = resolve_model(model, allow_pickle, trust_remote_code)
-    if src.is_compressed:
-        raise BadInput(f"model {model} is already compressed (compressed-tensors); give the uncompressed checkpoint")
-    find_blocks(skeleton(src.path, trust_remote_code))  # an unsupported kind of model is refused before any work
-    check_calibration(rec.calibration.samples, rec.calibration.seq_len, src.config, dev)
-    cal = rec.calibration
-    windows, cal_info = load_windows(load_tokenizer(src.path, trust_remote_code), calib, cal.samples, cal.seq_len,
-                                     cal.seed)
-    log(f"calibration: {cal_info['source']}: {cal.samples} windows of {cal.seq_len} tokens, seed {cal.seed}")
-    torch.manual_seed(cal.seed)
-    return rec, dev, src, windows, cal_info
+from .models import Checkpoint, ModelSource, find_blocks, is_causal_lm, load_tokenizer, skeleton
+from .blocks import Context
+from .runner import BlockResult, block_tensors, checkpoint_key_prefix, prepare, run_blocks
 
 
 def compress(

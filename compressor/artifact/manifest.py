@@ -10,17 +10,16 @@ from torch import nn
 
 from .. import __version__
 from ..files import sha256_file
-from ..lowrank import LOWRANK, LowRankWeight
+from ..lowrank import LOWRANK
 from ..models import PICKLE_SUFFIXES, ModelSource, copied_files, safetensors_files
-from ..quant import QWeight
-from ..sparse import SparseWeight
+from ..quant import MASKED_QUANT
+from ..sparse import SPARSE_BITMASK
+from ..weights import CompressedWeight
 from .writer import ArtifactWriter
 
 FORMAT_VERSION = 1
 MANIFEST = "compression.json"
 MANIFEST_DIGEST = "compression.json.sha256"  # sidecar: the manifest's own sha256, in `sha256sum` format, written last
-SPARSE_BITMASK = "sparse-bitmask"  # compression.json `format` of a SparseWeight layer (compressed-tensors' name)
-MASKED_QUANT = "pack-quantized+bitmask"  # of a pruned + quantized layer (our extension)
 
 
 def file_hashes(files: list[Path]) -> dict[str, str]:
@@ -32,36 +31,10 @@ def manifest_digest_line(digest: str) -> str:
     return f"{digest}  {MANIFEST}\n"
 
 
-def layer_entry(w: "QWeight | SparseWeight | LowRankWeight", pass_name: str, rel_err: float) -> dict[str, Any]:
-    """compression.json's entry of one compressed layer. A pruned layer adds `format` ("sparse-bitmask": pruned, not
-    quantized, compressed-tensors' layout; "pack-quantized+bitmask": pruned and quantized, our extension),
-    `sparsity` (fraction pruned) and `sparsity_structure`; a sparse-bitmask layer has no integer grid (`bits`,
-    `group_size`, `symmetric` null) and says the dtype its kept values are stored in."""
-    n, k = w.shape
-    if isinstance(w, LowRankWeight):  # our extension: two factors instead of the weight (DESIGN.md section 4)
-        entry = {"pass": pass_name, "format": LOWRANK, "bits": None, "dtype": str(w.a.dtype).removeprefix("torch."),
-                 "rank": w.rank, "group_size": None, "requested_group_size": None, "symmetric": None, "shape": [n, k],
-                 "bits_per_weight": round(w.storage_bits() / (n * k), 4), "weight_rel_err": round(rel_err, 6)}
-        return entry
-    if isinstance(w, SparseWeight):
-        entry: dict[str, Any] = {"pass": pass_name, "format": SPARSE_BITMASK, "bits": None,
-                                 "dtype": str(w.weight.dtype).removeprefix("torch."), "group_size": None,
-                                 "requested_group_size": None, "symmetric": None, "shape": [n, k]}
-    else:
-        entry = {"pass": pass_name, "bits": w.bits, "group_size": w.group_size,
-                 "requested_group_size": w.requested_group_size, "symmetric": w.symmetric, "shape": [n, k]}
-        if w.sparse is not None:  # our extension: a CSR float16 residual (DESIGN.md section 4)
-            entry["sparse"] = {"format": "csr-float16", "nnz": w.sparse.nnz,
-                               "fraction": round(w.sparse.nnz / (n * k), 6),
-                               "bits_per_weight": round(w.sparse.storage_bits((n, k)) / (n * k), 4)}
-        if w.mask is not None:
-            entry["format"] = MASKED_QUANT
-    if isinstance(w, SparseWeight) or w.mask is not None:
-        entry["sparsity"] = round(w.sparsity, 6)
-        entry["sparsity_structure"] = w.structure()
-    entry["bits_per_weight"] = round(w.storage_bits() / (n * k), 4)
-    entry["weight_rel_err"] = round(rel_err, 6)
-    return entry
+def layer_entry(w: CompressedWeight, pass_name: str, rel_err: float) -> dict[str, Any]:
+    """compression.json's entry of one compressed layer: the pass, what the weight says of itself (its format,
+    grid, shape, sparsity, rank, bits_per_weight: CompressedWeight.manifest_entry) and its weight error."""
+    return {"pass": pass_name, **w.manifest_entry(), "weight_rel_err": round(rel_err, 6)}
 
 
 def manifest_sizes(layers: dict[str, dict]) -> dict[str, Any]:

@@ -14,14 +14,16 @@ from torch import nn
 
 from ..errors import BadInput, CompressorError
 from ..files import sha256_file
-from ..lowrank import LOWRANK, LowRankLinear
+from ..lowrank import LOWRANK
+from ..modules import LowRankLinear
 from ..models import (Checkpoint, ModelSource, checkpoint_key, is_causal_lm, load_dense, materialize, model_class,
                       pick_device, read_json_object, resolve_model, skeleton)
 from ..modules import QuantLinear
 from ..quant import QWeight, pack_int32, qweight_from_tensors
 from ..targets import matches
 from ..sparse import SUFFIXES as SPARSE_SUFFIXES, SparseWeight
-from .manifest import MANIFEST, MANIFEST_DIGEST, SPARSE_BITMASK, file_hashes, source_files
+from ..sparse import SPARSE_BITMASK
+from .manifest import MANIFEST, MANIFEST_DIGEST, file_hashes, source_files
 
 
 def read_manifest(path: Path) -> dict:
