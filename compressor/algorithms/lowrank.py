@@ -139,8 +139,9 @@ def output_rel_err(w: Tensor, w_hat: Tensor, c_in: Tensor) -> float:
 
 def factorise(w: Tensor, c: Tensor | None, method: str, tau: float, params: float | None, damp: float = 1e-6,
               eig: tuple[Tensor, Tensor] | None = None) -> tuple[tuple[Tensor, Tensor] | None, int]:
-    """One layer's factors (A, B) by `method` (utilized, svd, asvd) at the rank `params` allows (utilized without it:
-    the rank the energy threshold `tau` gives), None where they would not save numbers; and the rank chosen."""
+    """One layer's factors, A (r, d_in) and B (d_out, r), of w (d_out, d_in) with input second moment c (d_in, d_in)
+    (None for svd), by `method` (utilized, svd, asvd) at the rank `params` allows (utilized without it: the rank the
+    energy threshold `tau` gives); None where they would not save numbers. Returns (factors, the rank chosen)."""
     d_out, d_in = w.shape
     r = None if params is None else rank_for_params(params, d_in, d_out)
     if method == "utilized":

@@ -22,6 +22,10 @@ Plan (before the blocks, on the FP model):
    level switches (budget kept exactly), selected in stages on fresh random windows of the calibration data,
    KL(dense || compressed) as the fitness; progress logged, the trace written beside the database.
 The assignment ({layer: {bits}}, {layer: {sparsity}} or {layer: {dropped}}) goes into recipe.yaml.
+
+Here: the config, the database on disk (one safetensors file per layer, built on blocks.stream_blocks), the
+search's checkpoint file, the plan and the block function. The evolution is algorithms/evopress.py, the KL fitness
+and the sub-block influence compressor/measure.py.
 """
 from __future__ import annotations
 
