@@ -13,7 +13,6 @@ side and says for every file whether its digest is the same.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's compressor (the one measured runs in its own processes)
+from compressor.files import sha256_file  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results"
 CALIB = ["--samples", "16", "--seq-len", "128", "--seed", "0"]
 
@@ -37,14 +39,6 @@ CASES = [
     ("evo-drop25", "evo-drop25", {"generations": 3, "offspring": 4, "survivors": [2, 1], "stage_windows": [2, 4],
                                   "fitness_samples": 4, "fitness_seq_len": 64}),
 ]
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_recipes(work: Path) -> dict[str, Path]:
@@ -89,7 +83,7 @@ def main() -> None:
         secs = time.perf_counter() - t0
         if r.returncode != 0:
             sys.exit(f"{case}: compress exited {r.returncode}:\n{r.stderr[-3000:]}")
-        files = {f.name: sha256(f) for f in sorted(out.iterdir()) if f.is_file()}
+        files = {f.name: sha256_file(f) for f in sorted(out.iterdir()) if f.is_file()}
         rows[case] = {"seconds": round(secs, 1), "files": files}
         print(f"{case}: {len(files)} files, {secs:.0f} s", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
