@@ -19,12 +19,12 @@ from .files import sha256_file
 from .errors import BadInput, CompressorError
 from .models import (Checkpoint, ModelSource, checkpoint_key, copied_files, find_blocks, load_dense, materialize,
                      resolve_model, skeleton)
-from .modules import QuantLinear
+from .modules import LowRankLinear, QuantLinear
 from .quant import QWeight, pack_int32, qweight_from_tensors
 from .recipe import load_recipe
 from .blocks import Context, check_calibration
 from .runner import BlockResult, block_tensors, checkpoint_key_prefix, run_blocks
-from .lowrank import LOWRANK, LowRankLinear, LowRankWeight
+from .lowrank import LOWRANK, LowRankWeight
 from .sparse import SUFFIXES as SPARSE_SUFFIXES, SparseWeight
 
 

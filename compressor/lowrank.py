@@ -1,22 +1,26 @@
-"""A Linear stored as two low-rank factors: the artifact's weight (LowRankWeight) and its runtime module
-(LowRankLinear). The factorisation is compressor/algorithms/lowrank.py.
+"""A Linear stored as two low-rank factors: the artifact's weight, LowRankWeight (its runtime module is
+modules.LowRankLinear). The factorisation is compressor/algorithms/lowrank.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from .modules import LowRankLinear
+from .weights import CompressedWeight
 
 LOWRANK = "lowrank"  # compression.json `format` of a factorised layer (our extension, DESIGN.md section 4)
 
 
 @dataclass
-class LowRankWeight:
+class LowRankWeight(CompressedWeight):
     """A Linear weight stored as two factors, W ~ B A: A (r, d_in) the first Linear, B (d_out, r) the second (the
-    layer's bias stays under its own name and is added after B). Duck-types what the runner and the writer use of
-    quant.QWeight (shape, dequantize, storage_bits, to_tensors); the artifact holds `<layer>.a.weight` and
-    `<layer>.b.weight` instead of `<layer>.weight`, and compressor.load builds a LowRankLinear from them."""
+    layer's bias stays under its own name and is added after B). The artifact holds `<layer>.a.weight` and
+    `<layer>.b.weight` instead of `<layer>.weight`, and compressor.load builds a LowRankLinear from them; in the
+    block the runner puts that module in place of the Linear, so later passes see the factors (runtime_module)."""
 
     a: Tensor
     b: Tensor
@@ -45,30 +49,20 @@ class LowRankWeight:
         return {f"{k}.weight": t.detach().contiguous().cpu() for k, t in (("a", self.a), ("b", self.b))
                 if k not in self.compressed}
 
+    def manifest_entry(self) -> dict[str, Any]:
+        """Format LOWRANK (our extension: two factors instead of the weight, DESIGN.md section 4), no integer grid,
+        the factors' dtype, the rank and the shape; bits_per_weight last."""
+        n, k = self.shape
+        return {"format": LOWRANK, "bits": None, "dtype": str(self.a.dtype).removeprefix("torch."), "rank": self.rank,
+                "group_size": None, "requested_group_size": None, "symmetric": None, "shape": [n, k],
+                "bits_per_weight": round(self.storage_bits() / (n * k), 4)}
 
-class LowRankLinear(torch.nn.Module):
-    """y = B (A x) + bias: the two-Linear module of a factorised layer (children `a`, d_in -> r without bias, and
-    `b`, r -> d_out; the bias, when the layer had one, is this module's own, as in the original checkpoint)."""
+    def runtime_module(self, bias: Tensor | None) -> LowRankLinear:
+        """The two-Linear module with the factors as weights: a later pass in the recipe sees them as `<layer>.a`
+        and `<layer>.b` and may compress them."""
+        return LowRankLinear.of(self.a, self.b, bias)
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool, dtype: torch.dtype | None = None):
-        super().__init__()
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.a = torch.nn.Linear(in_features, rank, bias=False, dtype=dtype, device="meta")
-        self.b = torch.nn.Linear(rank, out_features, bias=False, dtype=dtype, device="meta")
-        self.bias = torch.nn.Parameter(torch.empty(out_features, dtype=dtype, device="meta")) if bias else None
-
-    @classmethod
-    def of(cls, w: LowRankWeight, bias: Tensor | None) -> "LowRankLinear":
-        """The module of `w` with its factors as weights (the runner puts it in the block, so a later pass in the
-        recipe sees the factors as two Linears, `<layer>.a` and `<layer>.b`, and can quantize them)."""
-        d_out, d_in = w.shape
-        m = cls(d_in, d_out, w.rank, bias is not None, w.a.dtype)
-        m.a.weight = torch.nn.Parameter(w.a.clone(), requires_grad=False)
-        m.b.weight = torch.nn.Parameter(w.b.clone(), requires_grad=False)
-        if bias is not None:
-            m.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
-        return m
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.b(self.a(x))
-        return y if self.bias is None else y + self.bias
+    def part_compressed(self, part: str) -> None:
+        if part not in ("a", "b"):
+            raise ValueError(f"LowRankWeight has the factors 'a' and 'b', not {part!r}")
+        self.compressed.add(part)

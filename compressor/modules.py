@@ -1,4 +1,4 @@
-"""Runtime modules of a loaded artifact."""
+"""Runtime modules of a loaded artifact (and of a block while the runner compresses it): QuantLinear, LowRankLinear."""
 from __future__ import annotations
 
 import math
@@ -78,6 +78,32 @@ class QuantLinear(nn.Module):
         g = "channel" if self.group_size == -1 else f"group {self.group_size}"
         sym = "sym" if self.weight_zero_point is None else "asym"
         return f"{self.in_features}, {self.out_features}, int{self.bits} {g} {sym}, bias={self.bias is not None}"
+
+
+class LowRankLinear(nn.Module):
+    """y = B (A x) + bias: the two-Linear module of a factorised layer (children `a`, d_in -> r without bias, and
+    `b`, r -> d_out; the bias, when the layer had one, is this module's own, as in the original checkpoint)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.a = nn.Linear(in_features, rank, bias=False, dtype=dtype, device="meta")
+        self.b = nn.Linear(rank, out_features, bias=False, dtype=dtype, device="meta")
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device="meta")) if bias else None
+
+    @classmethod
+    def of(cls, a: Tensor, b: Tensor, bias: Tensor | None) -> "LowRankLinear":
+        """The module with factors A (r, d_in) and B (d_out, r) as its weights (copies) and `bias`."""
+        m = cls(a.shape[1], b.shape[0], a.shape[0], bias is not None, a.dtype)
+        m.a.weight = nn.Parameter(a.clone(), requires_grad=False)
+        m.b.weight = nn.Parameter(b.clone(), requires_grad=False)
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.b(self.a(x))
+        return y if self.bias is None else y + self.bias
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .errors import BadInput
 from .sparse import bitmask_bits, effective_structure, pack_bitmask, unpack_bitmask, validate_mask
+from .weights import CompressedWeight
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+MASKED_QUANT = "pack-quantized+bitmask"  # compression.json `format` of a pruned + quantized layer (our extension)
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -215,9 +218,10 @@ def col_index_bits(k: int) -> int:
 
 
 @dataclass
-class QWeight:
+class QWeight(CompressedWeight):
     """A quantized Linear weight: int8 codes plus grid, and optionally a sparse float16 residual (dense-and-
-    sparse). group_size is the effective one (-1: per channel).
+    sparse). group_size is the effective one (-1: per channel). In the block it stays a Linear with the
+    dequantized weight (runtime_module None).
 
     Pruned and quantized (`mask` set, True = kept): the codes of the pruned weights must be the grid's zero (the
     zero point, or 0 when symmetric), so they dequantize to exactly 0 (checked whenever the weight is read or
@@ -324,6 +328,24 @@ class QWeight:
         if self.sparse is not None:
             out.update(self.sparse.to_tensors(self.shape))
         return out
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """The grid (bits, group sizes, symmetric), the shape, the sparse residual (csr-float16, our extension) when
+        there is one, and when pruned the format MASKED_QUANT, sparsity and structure; bits_per_weight last."""
+        n, k = self.shape
+        entry: dict[str, Any] = {"bits": self.bits, "group_size": self.group_size,
+                                 "requested_group_size": self.requested_group_size, "symmetric": self.symmetric,
+                                 "shape": [n, k]}
+        if self.sparse is not None:  # our extension: a CSR float16 residual (DESIGN.md section 4)
+            entry["sparse"] = {"format": "csr-float16", "nnz": self.sparse.nnz,
+                               "fraction": round(self.sparse.nnz / (n * k), 6),
+                               "bits_per_weight": round(self.sparse.storage_bits((n, k)) / (n * k), 4)}
+        if self.mask is not None:
+            entry["format"] = MASKED_QUANT
+            entry["sparsity"] = round(self.sparsity, 6)
+            entry["sparsity_structure"] = self.structure()
+        entry["bits_per_weight"] = round(self.storage_bits() / (n * k), 4)
+        return entry
 
 
 def quantize_rtn(

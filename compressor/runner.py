@@ -14,9 +14,8 @@ from .blocks import Context, rel_sq_err, stream_blocks
 from .errors import BadInput
 from .models import Checkpoint, checkpoint_key, find_blocks, materialize, release
 from .passes import FinishInput, PassInfo, PlanInput, get_pass
-from .lowrank import LowRankLinear, LowRankWeight
-from .quant import QWeight
 from .recipe import PassSpec, Recipe
+from .weights import CompressedWeight
 
 # The block-output error reported per block (the FP block against the compressed one, on the same compressed
 # inputs) is measured on the first this many calibration windows: it is a diagnostic, and on every window it
@@ -37,7 +36,7 @@ def _first_windows(batches: list[Tensor], n: int) -> list[Tensor]:
 
 @dataclass
 class BlockResult:
-    qweights: dict[str, QWeight]
+    qweights: dict[str, CompressedWeight]
     layer_pass: dict[str, str]
     layer_err: dict[str, float]  # ||W_q - W|| / ||W|| per layer
     out_rel_err: float | None  # ||y_q - y_fp||^2 / ||y_fp||^2 of the block output on the compressed inputs
@@ -79,9 +78,6 @@ def run_blocks(
     it has run, and only then handed to on_block_done. Returns the recipe with the plans' assignments."""
     blocks_prefix, blocks = find_blocks(model)
     specs = [(spec, get_pass(spec.name)) for spec in recipe.passes]
-    for spec, info in specs:
-        if info.kind != "block":
-            raise BadInput(f"pass {spec.name!r} is a planner; this runner applies block passes only")
     last_block = check_targets(blocks_prefix, blocks, specs)
     for i, (spec, info) in enumerate(specs):
         if info.plan is not None and not spec.assignment:
@@ -89,9 +85,9 @@ def run_blocks(
             assignment = info.plan(PlanInput(model, ckpt, windows, spec, ctx))
             specs[i] = (spec.model_copy(update={"assignment": assignment}), info)
     recipe = recipe.model_copy(update={"passes": [spec for spec, _ in specs]})
-    needs = [info.data_needs(spec.config) for spec, info in specs]
-    needs_data = any(d for d, _ in needs)
-    needs_targets = any(t for _, t in needs)
+    reads = {info.reads(spec.config) for spec, info in specs}
+    needs_data = bool(reads - {"weights"})
+    needs_targets = "targets" in reads
     finishing = any(info.finish is not None for _, info in specs)
     kept: list[tuple[int, str, BlockResult]] = []
     # inputs, FP outputs, compressed outputs (+ the FP model's stream); data-free passes (RTN): no forward at all
@@ -104,12 +100,14 @@ def run_blocks(
             fp_out = io.targets
         else:  # only the block-output error reads it: the first DIAGNOSTIC_WINDOWS windows are enough
             fp_out = io.forward_on(block, _first_windows(io.inputs, DIAGNOSTIC_WINDOWS))
-        qweights: dict[str, QWeight] = {}
+        qweights: dict[str, CompressedWeight] = {}
         layer_pass: dict[str, str] = {}
         layer_role: dict[str, str | None] = {}  # per layer: the mask role of the pass that compressed it
         layer_err: dict[str, float] = {}
         fp_w: dict[str, Tensor] = {}  # each layer's FP weight, for its error after the last pass on it
-        swapped: list[tuple[nn.Module, str, nn.Module]] = []  # layers factorised in this block: put back after it
+        swapped: list[tuple[nn.Module, str, nn.Module]] = []  # layers whose weight brought its own module (a
+        # factorised one): put back after the block
+        parts: dict[str, tuple[CompressedWeight, str]] = {}  # a Linear inside such a module -> (its weight, name)
         for spec, info in specs:
             layers = {f"{prefix}.{n}": m for n, m in block.named_modules()
                       if isinstance(m, nn.Linear) and spec.selects(f"{prefix}.{n}")}
@@ -117,7 +115,7 @@ def run_blocks(
             for name in layers:
                 if name not in layer_pass:
                     continue
-                if layer_role[name] == "makes" and info.mask_role(spec.config) == "keeps":
+                if layer_role[name] == "makes" and info.masks(spec.config) == "keeps":
                     masks[name] = qweights[name]  # pruned, now quantized: the quantizer keeps the zeros
                 elif layer_role[name] == "makes":
                     raise BadInput(f"layer {name} is pruned by {layer_pass[name]}, and {spec.name} cannot keep "
@@ -136,28 +134,27 @@ def run_blocks(
                 layers[n].weight.data = fp_w[n].clone()  # pruning error too, as SparseGPT does)
             result = info.fn(block, io, spec.config, ctx)
             for name, qw in result.items():
-                owner = qweights.get(name.rpartition(".")[0])
-                if isinstance(owner, LowRankWeight):  # a factor of a layer factorised earlier, compressed now
-                    owner.compressed.add(name.rpartition(".")[2])
-                if isinstance(qw, LowRankWeight):  # the block gets the two-Linear module: later passes see factors
-                    lin = layers[name]
+                if name in parts:  # a part of an earlier weight's module (a factor), compressed now
+                    owner, part = parts[name]
+                    owner.part_compressed(part)
+                lin = layers[name]
+                w = qw.dequantize(lin.weight.dtype)  # what the loader sees
+                module = qw.runtime_module(lin.bias)
+                if module is None:
+                    lin.weight.data = w  # hand it on
+                else:  # the block gets the weight's module: later passes see the Linears inside it
                     holder_name, _, child = name[len(prefix) + 1:].rpartition(".")
                     holder = block.get_submodule(holder_name) if holder_name else block
-                    module = LowRankLinear.of(qw, lin.bias)
                     setattr(holder, child, module)
                     swapped.append((holder, child, lin))
-                    fp_w[f"{name}.a"], fp_w[f"{name}.b"] = module.a.weight.data.clone(), module.b.weight.data.clone()
-                    qweights[name] = qw
-                    layer_pass[name] = spec.name
-                    layer_role[name] = info.mask_role(spec.config)
-                    layer_err[name] = float((qw.dequantize(fp_w[name].dtype) - fp_w[name]).norm()
-                                            / fp_w[name].norm().clamp_min(1e-30))
-                    continue
-                layers[name].weight.data = qw.dequantize(layers[name].weight.dtype)  # hand on what the loader sees
+                    for n, m in module.named_children():
+                        if isinstance(m, nn.Linear):
+                            fp_w[f"{name}.{n}"] = m.weight.data.clone()
+                            parts[f"{name}.{n}"] = (qw, n)
                 qweights[name] = qw
                 layer_pass[name] = spec.name
-                layer_role[name] = info.mask_role(spec.config)
-                layer_err[name] = float((layers[name].weight.data - fp_w[name]).norm() / fp_w[name].norm().clamp_min(1e-30))
+                layer_role[name] = info.masks(spec.config)
+                layer_err[name] = float((w - fp_w[name]).norm() / fp_w[name].norm().clamp_min(1e-30))
         out_err = None
         if io.inputs:  # the recipe reads calibration data, and a later block still needs it
             io.outputs = io.forward(block)
@@ -197,8 +194,9 @@ def _finish(model: nn.Module, ckpt: Checkpoint, windows: Tensor, ctx: Context, s
         release(model, "")
 
 
-def block_tensors(model: nn.Module, ckpt: Checkpoint, prefix: str, qweights: dict[str, QWeight]) -> dict[str, Tensor]:
-    """The artifact tensors of one block: checkpoint tensors unchanged, quantized weights packed."""
+def block_tensors(model: nn.Module, ckpt: Checkpoint, prefix: str, qweights: dict[str, CompressedWeight]
+                  ) -> dict[str, Tensor]:
+    """The artifact tensors of one block: checkpoint tensors unchanged, compressed weights as their tensors."""
     out: dict[str, Tensor] = {}
     quant_keys = {}
     for name, qw in qweights.items():
@@ -206,7 +204,7 @@ def block_tensors(model: nn.Module, ckpt: Checkpoint, prefix: str, qweights: dic
         if key is None:  # a factor of a factorised layer (`<layer>.a`): named after that layer's checkpoint key
             parent, _, child = name.rpartition(".")
             pkey = checkpoint_key(model, ckpt, f"{parent}.weight")
-            assert pkey is not None and isinstance(qweights.get(parent), LowRankWeight), name
+            assert pkey is not None and parent in qweights, name
             key = f"{pkey[: -len('weight')]}{child}.weight"
         quant_keys[key] = qw
         for suffix, t in qw.to_tensors().items():

@@ -19,11 +19,15 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from .weights import CompressedWeight
+
 SUFFIXES = ("shape", "compressed", "bitmask", "row_offsets")
+SPARSE_BITMASK = "sparse-bitmask"  # compression.json `format` of a SparseWeight layer (compressed-tensors' name)
 
 
 def pack_bitmask(mask: Tensor) -> Tensor:
@@ -84,9 +88,9 @@ def validate_mask(mask: Tensor, shape: tuple[int, ...], structure: str, what: st
 
 
 @dataclass
-class SparseWeight:
-    """A pruned, not quantized Linear weight, stored in compressed-tensors' sparse-bitmask layout.
-    Duck-types what the runner and the writer use of quant.QWeight (shape, dequantize, storage_bits, to_tensors)."""
+class SparseWeight(CompressedWeight):
+    """A pruned, not quantized Linear weight, stored in compressed-tensors' sparse-bitmask layout. In the block it
+    stays a Linear with the pruned weight (runtime_module None)."""
 
     weight: Tensor  # (N, K) float, exactly 0 where pruned, in the dtype to store (the checkpoint's)
     mask: Tensor  # (N, K) bool, True = kept
@@ -146,6 +150,15 @@ class SparseWeight:
             "bitmask": pack_bitmask(mask),
             "row_offsets": (torch.cumsum(counts, 0) - counts).to(torch.int64),
         }
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """Format SPARSE_BITMASK, no integer grid (bits, group sizes, symmetric null), the dtype the kept values are
+        stored in, the shape, sparsity and structure; bits_per_weight last."""
+        n, k = self.shape
+        return {"format": SPARSE_BITMASK, "bits": None, "dtype": str(self.weight.dtype).removeprefix("torch."),
+                "group_size": None, "requested_group_size": None, "symmetric": None, "shape": [n, k],
+                "sparsity": round(self.sparsity, 6), "sparsity_structure": self.structure(),
+                "bits_per_weight": round(self.storage_bits() / (n * k), 4)}
 
     @staticmethod
     def from_tensors(t: dict[str, Tensor], sparsity_structure: str = "unstructured") -> "SparseWeight":

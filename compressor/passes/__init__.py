@@ -1,8 +1,8 @@
-"""The pass registry. A pass registers itself with its config class; the runner finds it by name only.
+"""The pass registry and the pass contract. A pass registers itself with its config class; the runner finds it by
+name only.
 
-Two kinds (DESIGN.md §2): a *block* pass compresses the Linear layers of one block from that block's
-cached inputs; a *planner* measures the model and returns per-layer settings for the block passes.
-A block pass may also have model-level stages around its blocks (ReQuant has both):
+A pass's block stage compresses the Linear layers of one block from that block's cached inputs (DESIGN.md §2) and
+returns a CompressedWeight per layer. It may also have model-level stages around the blocks (ReQuant has both):
 - `plan(PlanInput) -> {layer: {setting: value}}`: runs before any block (on the FP model); the result is the
   pass's `assignment`, written into the artifact's recipe.yaml (a recipe that carries one skips the plan);
 - `finish(FinishInput) -> None`: runs after every block, with all blocks' results in memory and the whole FP
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ..blocks import Context, stream_fp_layers
 from ..models import Checkpoint
 from ..quant import SCALE_DTYPES, QWeight, resolve_group_size
+from ..weights import CompressedWeight
 
 
 class PassConfig(BaseModel):
@@ -77,60 +78,50 @@ class FinishInput:
     results: dict[str, QWeight]
 
 
+# What a pass's block stage reads besides the weights: "weights" (nothing else: the runner runs no forward),
+# "inputs" (the block's cached inputs, io.inputs), "targets" (also io.targets, the FP model's outputs of the block:
+# the runner keeps the FP model's activations beside the compressed model's)
+Reads = Literal["weights", "inputs", "targets"]
+# "makes": the pass prunes (its results are SparseWeight); "keeps": a quantizer that, after a pruning pass on the
+# same layers, keeps the pruned weights at zero; None: neither
+MaskRole = Literal["makes", "keeps"] | None
+
+
 @dataclass(frozen=True)
 class PassInfo:
-    name: str
+    """A registered pass, as the runner uses it."""
+
     config: type[PassConfig]
-    fn: Callable[..., Any]
-    kind: Literal["block", "planner"]
-    needs_data: bool  # False: the pass never looks at activations, so the runner skips all forwards
-    needs_targets: bool  # True: the pass reads io.targets (the FP model's block outputs), so the runner
-    # keeps the FP model's activations alongside the compressed model's
-    doc: str
-    plan: Callable[..., dict[str, dict[str, Any]]] | None = None
-    finish: Callable[..., None] | None = None
-    needs: Callable[[Any], tuple[bool, bool]] | None = None  # (needs_data, needs_targets) by config, when
-    # they depend on it (ReQuant's depend on its base pass)
-    masks: Literal["makes", "keeps"] | Callable[[Any], str | None] | None = None  # "makes": the pass prunes (its
-    # results are SparseWeight); "keeps": a quantizer that, after a pruning pass on the same layers, keeps the
-    # pruned weights at zero; a callable: the role by config (EvoPress prunes or quantizes, by its level space)
-    factors: bool = False  # True: the pass may replace a layer by two factor Linears, <layer>.a and <layer>.b,
-    # which later passes of the recipe select by those names
-
-    def mask_role(self, cfg: Any) -> str | None:
-        """"makes", "keeps" or None under this config."""
-        return self.masks(cfg) if callable(self.masks) else self.masks
-
-    def data_needs(self, cfg: Any) -> tuple[bool, bool]:
-        """(needs_data, needs_targets) of the block stage under this config."""
-        if self.needs is None:
-            return self.needs_data, self.needs_targets
-        data, targets = self.needs(cfg)
-        return data or targets, targets
+    fn: Callable[..., dict[str, CompressedWeight]]  # the block stage: (block, io, config, ctx) -> {layer: weight}
+    reads: Callable[[Any], Reads]  # by config (ReQuant reads what its base pass reads)
+    masks: Callable[[Any], MaskRole]  # by config (EvoPress prunes or quantizes, by its level space)
+    factors: bool  # True: the pass may replace a layer by two factor Linears, <layer>.a and <layer>.b, which later
+    # passes of the recipe select by those names
+    plan: Callable[[PlanInput], dict[str, dict[str, Any]]] | None
+    finish: Callable[[FinishInput], None] | None
 
 
 PASSES: dict[str, PassInfo] = {}
 
 
-def register_pass(name: str, config: type[PassConfig], kind: Literal["block", "planner"] = "block",
-                  needs_data: bool = True, needs_targets: bool = False, plan: Callable | None = None,
-                  finish: Callable | None = None, needs: Callable | None = None,
-                  masks: Literal["makes", "keeps"] | Callable[[Any], str | None] | None = None,
-                  factors: bool = False):
-    """Decorator: register `fn` under `name`. A second registration of a name is an error."""
+def register_pass(name: str, config: type[PassConfig], *, reads: Reads | Callable[[Any], Reads] = "inputs",
+                  masks: MaskRole | Callable[[Any], MaskRole] = None, factors: bool = False,
+                  plan: Callable[[PlanInput], dict[str, dict[str, Any]]] | None = None,
+                  finish: Callable[[FinishInput], None] | None = None):
+    """Decorator: register the block stage `fn` under `name`. `reads` and `masks`: a value, or a function of the
+    pass's config. A second registration of a name is an error."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in PASSES:
             raise ValueError(f"pass {name!r} is already registered (by {PASSES[name].fn.__module__})")
-        doc = (fn.__doc__ or "").strip().splitlines()
-        PASSES[name] = PassInfo(name, config, fn, kind, needs_data or needs_targets, needs_targets,
-                                 doc[0] if doc else "", plan, finish, needs, masks, factors)
+        PASSES[name] = PassInfo(config, fn, reads if callable(reads) else lambda cfg: reads,
+                                masks if callable(masks) else lambda cfg: masks, factors, plan, finish)
         return fn
 
     return wrap
 
 
-def layer_group_size(name: str, in_features: int, cfg: QuantConfig, ctx: Any) -> int:
+def layer_group_size(name: str, in_features: int, cfg: QuantConfig, ctx: Context) -> int:
     """The group size layer `name` really gets (see quant.resolve_group_size); a fallback is warned about."""
     g = resolve_group_size(in_features, cfg.group_size, name)
     if g != cfg.group_size:

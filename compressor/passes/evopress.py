@@ -193,7 +193,7 @@ def _block_variants(cfg: EvoPressConfig, block: nn.Module, io: BlockIO, quiet: C
         return {n: [P.pruned(m.weight.data, s).weight for s in cfg.level_values] for n, m in io.layers.items()}
     variants: dict[str, list[Tensor]] = {n: [] for n in io.layers}
     fp = {n: m.weight.data.clone() for n, m in io.layers.items()}
-    learned = PASSES[cfg.candidate].needs_targets
+    learned = _reads(cfg) == "targets"
     for bits in cfg.level_values:
         level_io = BlockIO(io.prefix, io.inputs, io.kwargs, dict(io.layers), targets=io.outputs if learned else None)
         with torch.enable_grad() if learned else contextlib.nullcontext():  # the database is built under no_grad
@@ -210,7 +210,7 @@ def build_database(inp: PlanInput, cfg: EvoPressConfig, db: Database) -> None:
     """Every target layer at every level, block by block on the FP model (stream_blocks: one block in memory)."""
     model, ctx = inp.model, inp.ctx
     n_blocks = len(find_blocks(model)[1])
-    needs_data = cfg.space == "bits" and PASSES[cfg.candidate].needs_data
+    needs_data = _reads(cfg) != "weights"
     quiet = Context(device=ctx.device, seed=ctx.seed)
     for i, block, io in stream_blocks(model, inp.ckpt, inp.windows, ctx, data=needs_data):
         io.layers = {n: m for n, m in ((f"{io.prefix}.{n}", m) for n, m in block.named_modules()) if n in db.space.layers}
@@ -323,7 +323,7 @@ def plan(inp: PlanInput) -> dict[str, dict[str, Any]]:
         raise BadInput("evopress: the recipe's targets select no Linear layer")
     sizes = tuple(model.get_submodule(n).weight.numel() for n in layers)
     space = E.LevelSpace(tuple(layers), sizes, tuple(cfg.level_values))
-    data = cfg.space == "bits" and PASSES[cfg.candidate].needs_data
+    data = _reads(cfg) != "weights"
     key = database_key({"model": model_digests, "space": cfg.space,
                           "candidate": cfg.candidate if cfg.space == "bits" else "magnitude",
                           "options": cfg.candidate_config(int(cfg.level_values[0])).model_dump() if cfg.space == "bits" else {},
@@ -344,18 +344,17 @@ def plan(inp: PlanInput) -> dict[str, dict[str, Any]]:
             for n, k in zip(layers, state)}
 
 
-def _needs(cfg: EvoPressConfig) -> tuple[bool, bool]:
+def _reads(cfg: EvoPressConfig) -> str:
     if cfg.space != "bits":
-        return False, False  # magnitude pruning and dropping look at weights only
-    info = PASSES[cfg.candidate]
-    return info.needs_data, info.needs_targets
+        return "weights"  # magnitude pruning and dropping look at weights only
+    return PASSES[cfg.candidate].reads(cfg.candidate_config(int(cfg.level_values[0])))
 
 
 def _mask_role(cfg: EvoPressConfig) -> str | None:
     return None if cfg.space == "bits" else "makes"
 
 
-@register_pass("evopress", EvoPressConfig, plan=plan, needs=_needs, masks=_mask_role)
+@register_pass("evopress", EvoPressConfig, plan=plan, reads=_reads, masks=_mask_role)
 def evopress(block: nn.Module, io: BlockIO, cfg: EvoPressConfig, ctx: Context) -> dict[str, Any]:
     """EvoPress: each layer at the level the evolutionary search chose (a bit width, a sparsity, or dropped)."""
     if cfg.space == "sparsity":

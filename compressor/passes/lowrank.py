@@ -111,11 +111,11 @@ def plan(inp: PlanInput) -> dict[str, dict[str, Any]]:
     return {n: {"params": cfg.levels[k]} for n, k in zip(layers, pick)}
 
 
-def _needs(cfg: LowRankConfig) -> tuple[bool, bool]:
-    return cfg.method != "svd", False
+def _reads(cfg: LowRankConfig) -> str:
+    return "weights" if cfg.method == "svd" else "inputs"
 
 
-@register_pass("lowrank", LowRankConfig, needs=_needs, plan=plan, factors=True)
+@register_pass("lowrank", LowRankConfig, reads=_reads, plan=plan, factors=True)
 @torch.no_grad()
 def lowrank(block: nn.Module, io: BlockIO, cfg: LowRankConfig, ctx: Context) -> dict[str, LowRankWeight]:
     """Low-rank factors of each Linear: onto its utilized subspace, or truncated / activation-aware SVD."""

@@ -109,7 +109,7 @@ def _block_of(model: nn.Module):
     return lambda name: f"{prefix}.{measure.block_index(prefix, name)}"
 
 
-@register_pass("prune", PruneConfig, needs_data=False, plan=plan, masks="makes")
+@register_pass("prune", PruneConfig, reads="weights", plan=plan, masks="makes")
 @torch.no_grad()
 def prune(block: nn.Module, io: BlockIO, cfg: PruneConfig, ctx: Context) -> dict[str, SparseWeight]:
     """Magnitude pruning to each layer's planned sparsity (dp, uniform, global or OWL allocation)."""

@@ -151,7 +151,7 @@ def reconstruct(
     the first cached batch before and after training ({"before", "after"}; single windows differ too much
     to compare)."""
     if io.targets is None:
-        raise RuntimeError("block reconstruction needs the FP targets; register the pass with needs_targets=True")
+        raise RuntimeError("block reconstruction needs the FP targets; register the pass with reads='targets'")
     local = {name: name[len(io.prefix) + 1 :] + ".weight" for name in quantizers}
     dtypes = {name: io.layers[name].weight.dtype for name in quantizers}
     params = [p for q in quantizers.values() for p in q.parameters()]

@@ -97,9 +97,8 @@ def plan(inp: PlanInput) -> dict[str, dict[str, Any]]:
     return {n: {"outliers": c} for n, c in chosen.items()}
 
 
-def _needs(cfg: RequantConfig) -> tuple[bool, bool]:
-    info = PASSES[cfg.base]
-    return info.needs_data, info.needs_targets
+def _reads(cfg: RequantConfig) -> str:
+    return PASSES[cfg.base].reads(cfg.base_config())
 
 
 @torch.no_grad()
@@ -176,7 +175,7 @@ def finish(inp: FinishInput) -> None:
             p.requires_grad_(flag)
 
 
-@register_pass("requant", RequantConfig, plan=plan, finish=finish, needs=_needs)
+@register_pass("requant", RequantConfig, plan=plan, finish=finish, reads=_reads)
 def requant(block: nn.Module, io: BlockIO, cfg: RequantConfig, ctx: Context) -> dict[str, QWeight]:
     """ReQuant: dense-and-sparse on a base quantizer (outliers planned per layer, significant weights by PQI)."""
     out = PASSES[cfg.base].fn(block, io, cfg.base_config(), ctx, exact=_masks(io))
