@@ -1,5 +1,5 @@
-"""A Linear stored as two low-rank factors: the artifact's weight (LowRankWeight); its runtime module is
-modules.LowRankLinear, the factorisation compressor/algorithms/lowrank.py.
+"""A Linear stored as two low-rank factors: the artifact's weight, LowRankWeight (its runtime module is
+modules.LowRankLinear). The factorisation is compressor/algorithms/lowrank.py.
 """
 from __future__ import annotations
 
