@@ -1,6 +1,6 @@
 """Research tools over a model, beside compression: `compress sensitivity` (PQI and Taylor estimates of a
-quantization's loss change, pqi.py) and `compress utilization` (every Linear's utilized rank, lowrank.py), and
-the utilization plot."""
+quantization's loss change, algorithms/pqi.py) and `compress utilization` (every Linear's utilized rank,
+algorithms/lowrank.py), and the utilization plot."""
 from __future__ import annotations
 
 import time
@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import measure as pqi
+from . import measure
 from .algorithms import lowrank as LR
 from .data import check_window_request, load_windows
 from .errors import BadInput
@@ -36,7 +36,7 @@ def sensitivity(model: str = "demo", recipe: str | Path = "w3g64-rtn", calib: li
                 device: str = "auto", log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """`compress sensitivity`: how well each estimate predicts the loss change dF = F(w~) - F(w) that quantizing
     the model with `recipe` causes, F the mean next-token NLL on the calibration windows: PQI at each number of
-    intervals, and the first- and second-order Taylor estimates at w (pqi.py)."""
+    intervals, and the first- and second-order Taylor estimates at w (measure.py, algorithms/pqi.py)."""
     if not intervals or min(intervals) < 1:
         raise BadInput(f"--intervals must be positive integers, got {list(intervals)}")
     t0 = time.perf_counter()
@@ -51,17 +51,17 @@ def sensitivity(model: str = "demo", recipe: str | Path = "w3g64-rtn", calib: li
         p.requires_grad_(True)
     w0 = {n: p.detach().clone() for n, p in params.items()}
     dw = {n: qweights[n].dequantize().to(dev) - w0[n] for n in params}
-    f0 = pqi.loss(net, windows)
-    pqi.set_weights(params, w0, dw, 1.0)
-    f1 = pqi.loss(net, windows)
+    f0 = measure.loss(net, windows)
+    measure.set_weights(params, w0, dw, 1.0)
+    f1 = measure.loss(net, windows)
     measured = f1 - f0
     log(f"F(w) {f0:.5f}, F(w~) {f1:.5f}: dF {measured:.5f}")
-    first, second = pqi.taylor(net, params, w0, dw, windows)
+    first, second = measure.taylor(net, params, w0, dw, windows)
     log(f"Taylor: first order {first:.4g}, second order {second:.4g}")
     rows = [{"estimate": "first-order Taylor", "predicted": first}, {"estimate": "second-order Taylor", "predicted": second}]
     per_layer: dict[str, float] = {}
     for n_int in intervals:
-        c = pqi.pqi(net, params, w0, dw, windows, n_int, tick=log)
+        c = measure.pqi(net, params, w0, dw, windows, n_int, tick=log)
         rows.append({"estimate": f"PQI N={n_int}", "predicted": sum(float(v.sum()) for v in c.values())})
         per_layer = {n: float(v.sum()) for n, v in c.items()}
         log(f"PQI N={n_int}: {rows[-1]['predicted']:.5g}")
@@ -75,7 +75,7 @@ def sensitivity(model: str = "demo", recipe: str | Path = "w3g64-rtn", calib: li
 def utilization(model: str = "demo", calib: list[str | Path] | None = None, samples: int = 32, seq_len: int = 512,
                 seed: int = 0, taus: list[float] = (0.99, 0.999), device: str = "auto",
                 log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
-    """`compress utilization`: every Linear's utilized rank (compressor/lowrank.py) on the FP model, block by block:
+    """`compress utilization`: every Linear's utilized rank (algorithms/lowrank.py) on the FP model, block by block:
     the input subspace from the calibration inputs' second moment, the output subspace from the input-projected
     layer's outputs, at each energy threshold tau; and the mean layer utilization (rank / min(d_in, d_out))."""
     check_window_request(samples, seq_len)  # before anything is loaded
