@@ -6,7 +6,7 @@ every file of each artifact, so that two checkouts (before and after a change) c
     python bench/identical.py --repo . --label after --work /tmp/ident
 
 Each run is the checkout's real `compress model` (`python -m compressor.cli`, that checkout first on PYTHONPATH,
-one torch thread). The recipes are written once under --work and both labels read the same files (the manifest
+one torch thread, a fresh $COMPRESSOR_CACHE per label so nothing is resumed from another label's run). The recipes are written once under --work and both labels read the same files (the manifest
 records the recipe's path). Results: bench/results/identical.{json,md}; the markdown puts the labels side by
 side and says for every file whether its digest is the same.
 """
@@ -69,7 +69,11 @@ def main() -> None:
     args = ap.parse_args()
     repo = args.repo.resolve()
     recipes = write_recipes(args.work)
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    # a fresh cache per label: a search checkpoint or variant database left by another label's run would be
+    # resumed instead of computed again (the demo model is converted again too, by the checkout measured)
+    cache = args.work / f"cache-{args.label}"
+    shutil.rmtree(cache, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "COMPRESSOR_CACHE": str(cache)}
     rows = {}
     for case, _, _ in CASES:
         out = args.work / args.label / case
