@@ -62,6 +62,8 @@ class BlockIO:
     # layer's weight is then its FP weight again (the quantizer applies the mask)
     outputs: list[Tensor] | None = None  # per batch: the block's output on `inputs`, set by stream_blocks' caller
     # when it is done with the block: the next block's inputs
+    tokens_seen: dict[str, int] = field(default_factory=dict)  # per layer: the calibration tokens that reached it
+    # in the last input_second_moments (all of them, or for an MoE expert the ones routed to it)
 
     @torch.no_grad()
     def forward(self, block: nn.Module) -> list[Tensor]:
@@ -73,9 +75,12 @@ class BlockIO:
 
     @torch.no_grad()
     def input_second_moments(self, block: nn.Module, names: list[str]) -> dict[str, Tensor]:
-        """sum over calibration tokens of x x^T for the inputs of the named layers: {name: (K, K)}."""
+        """sum over calibration tokens of x x^T for the inputs of the named layers: {name: (K, K)}; how many
+        tokens each saw goes to `tokens_seen` (an expert sees only the tokens routed to it; one no token reaches
+        keeps a zero matrix and a count of 0, and the block is then run to its end on every batch)."""
         dev = self.inputs[0].device
         acc = {n: torch.zeros(self.layers[n].in_features, self.layers[n].in_features, device=dev) for n in names}
+        self.tokens_seen.update({n: 0 for n in names})
         pending: set[str] = set()
         done: list[tuple[Tensor, Tensor]] = []  # this batch's (input, x^T x): siblings reading one input share it
 
@@ -87,6 +92,7 @@ class BlockIO:
                     xtx = x.T @ x
                     done.append((args[0], xtx))
                 acc[name] += xtx
+                self.tokens_seen[name] += args[0].numel() // args[0].shape[-1]
                 pending.discard(name)
                 if not pending:
                     raise _Stop  # the rest of the block is not needed for these layers

@@ -23,8 +23,9 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
 
-from .files import cache_dir, sha256_file, write_atomic
 from .errors import BadInput, CompressorError
+from .experts import RoutedExperts, renamed_keys, unfuse_experts
+from .files import cache_dir, sha256_file, write_atomic
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -340,7 +341,8 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 
 def skeleton(path: Path, trust_remote_code: bool = False) -> nn.Module:
-    """The model's modules with parameters on the meta device (buffers real, e.g. rotary frequencies)."""
+    """The model's modules with parameters on the meta device (buffers real, e.g. rotary frequencies); fused MoE
+    experts are per-expert Linears again (experts.unfuse_experts), named as in the checkpoint."""
     from transformers import AutoConfig
 
     try:
@@ -355,11 +357,13 @@ def skeleton(path: Path, trust_remote_code: bool = False) -> nn.Module:
             model = cls._from_config(config, dtype=torch.float32)
         else:
             model = cls.from_config(config, trust_remote_code=trust_remote_code)
+    unfuse_experts(model)
     return model.eval()
 
 
 def checkpoint_key(model: nn.Module, ckpt: Checkpoint, name: str) -> str | None:
-    """The checkpoint key of model tensor `name` (with or without the base-model prefix), None if absent."""
+    """The checkpoint key of model tensor `name` (with or without the base-model prefix, or under the name
+    transformers renames it from: experts.renamed_keys), None if absent."""
     if name in ckpt:
         return name
     prefix = getattr(model, "base_model_prefix", "")
@@ -368,7 +372,15 @@ def checkpoint_key(model: nn.Module, ckpt: Checkpoint, name: str) -> str | None:
             return name[len(prefix) + 1 :]
         if f"{prefix}.{name}" in ckpt:
             return f"{prefix}.{name}"
-    return None
+    return _renamed(model, ckpt).get(name)
+
+
+def _renamed(model: nn.Module, ckpt) -> dict[str, str]:
+    """renamed_keys of this checkpoint for this model, worked out once per (model, checkpoint)."""
+    memo = model.__dict__.setdefault("_compressor_renamed", {})
+    if id(ckpt) not in memo:
+        memo[id(ckpt)] = (ckpt, renamed_keys(model, ckpt.keys()))  # the checkpoint kept: its id stays its own
+    return memo[id(ckpt)][1]
 
 
 def materialize(model: nn.Module, module_name: str, ckpt: Checkpoint, device: str | torch.device = "cpu",
@@ -467,6 +479,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     stacks = [(name, m) for name, m in model.named_modules()
               if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1
               and any(isinstance(x, nn.Linear) for x in m[0].modules())]
+    stacks = [(n, m) for n, m in stacks if not isinstance(m, RoutedExperts)]  # an MoE block's experts are in it
     if not stacks:
         raise BadInput(f"cannot find the transformer blocks of {arch}")
     best = max(stacks, key=lambda s: len(s[1]))  # the first of the longest

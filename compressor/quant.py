@@ -240,6 +240,8 @@ class QWeight(CompressedWeight):
     sparse: SparseResidual | None = None
     mask: Tensor | None = None  # (N, K) bool, True = kept; None: not pruned
     sparsity_structure: str = "unstructured"  # "unstructured", "2:4", "N:M" (a pruned weight's pattern)
+    calibration: dict[str, Any] | None = None  # when the quantizer saw less than all the calibration data (an MoE
+    # expert): {"tokens": n} and, when a rule replaced the method, {"fallback": ..., "reason": ...}
 
     MASKED_SUFFIXES = ("weight_bitmask", "weight_packed_kept")
 
@@ -344,6 +346,8 @@ class QWeight(CompressedWeight):
             entry["format"] = MASKED_QUANT
             entry["sparsity"] = round(self.sparsity, 6)
             entry["sparsity_structure"] = self.structure()
+        if self.calibration is not None:
+            entry["calibration"] = dict(self.calibration)
         entry["bits_per_weight"] = round(self.storage_bits() / (n * k), 4)
         return entry
 

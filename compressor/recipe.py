@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import BadInput
 from .passes import PASSES, PassConfig
-from .targets import matches
+from .targets import is_router, matches
 
 
 RECIPE_VERSION = 1  # the recipe format this compressor reads and writes
@@ -40,7 +40,7 @@ class PassSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
     name: str
-    targets: list[str] = Field(default_factory=list)  # empty: every Linear inside the blocks
+    targets: list[str] = Field(default_factory=list)  # empty: every Linear inside the blocks but MoE routers
     ignore: list[str] = Field(default_factory=list)
     config: PassConfig
     assignment: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-layer settings a plan chose
@@ -48,7 +48,9 @@ class PassSpec(BaseModel):
     def selects(self, layer: str) -> bool:
         if any(matches(p, layer) for p in self.ignore):
             return False
-        return not self.targets or any(matches(p, layer) for p in self.targets)
+        if not self.targets:
+            return not is_router(layer)
+        return any(matches(p, layer) for p in self.targets)
 
     def to_yaml_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"pass": self.name}

@@ -11,3 +11,10 @@ def matches(pattern: str, name: str) -> bool:
     if pattern.startswith("re:"):
         return re.match(pattern[3:], name) is not None
     return name == pattern or name.endswith("." + pattern)
+
+
+def is_router(name: str) -> bool:
+    """An MoE router or gate (`mlp.gate`, `router`, `shared_expert_gate`): left unquantized unless a recipe's
+    targets name it (a router's error changes which experts run, not only their output)."""
+    leaf = name.rpartition(".")[2]
+    return leaf in ("gate", "router") or leaf.endswith("_gate")

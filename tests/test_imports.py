@@ -20,7 +20,7 @@ LAYERS = [
     ["runner"],
     ["recipe"],
     ["passes"],
-    ["algorithms", "blocks", "measure", "artifact", "weights", "modules", "ops", "quant", "sparse", "lowrank", "models",
+    ["algorithms", "blocks", "measure", "artifact", "weights", "modules", "ops", "quant", "sparse", "lowrank", "models", "experts",
      "data"],
     ["errors", "files", "safejson", "targets", "corpus"],
 ]

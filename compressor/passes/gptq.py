@@ -4,9 +4,15 @@ not yet quantized through the inverse Hessian of the layer's inputs, H = 2 X^T X
 The math is `gptq_quantize` (one weight matrix and its Hessian); the registered pass only wires it to a
 block: layers that read the same input are quantized together, in execution order, and each group's
 Hessian is taken with the earlier groups already quantized ("true sequential").
+
+A layer that saw fewer than `min_tokens` calibration tokens (an MoE expert the router rarely picks; with none, its
+Hessian is zero and GPTQ would zero the weight) is quantized with the identity for its Hessian: GPTQ then spreads no
+error and is round-to-nearest on the same grid. compression.json records, per layer that saw less than all the
+tokens, how many it saw and the fallback when it was taken.
 """
 from __future__ import annotations
 
+import torch
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -21,6 +27,8 @@ class GPTQConfig(QuantConfig):
     block_size: int = Field(128, ge=1, description="columns updated lazily together")
     act_order: bool = Field(True, description="quantize columns in order of decreasing Hessian diagonal")
     true_sequential: bool = True
+    min_tokens: int = Field(16, ge=1, description="a layer that saw fewer calibration tokens (a rarely routed "
+                            "MoE expert) is rounded to nearest instead (identity Hessian)")
     refit_scales: bool = Field(True, description="after GPTQ, re-solve each row's scales for the fixed codes "
                                "against the Hessian (least squares; a row keeps its scales unless its error drops)")
 
@@ -33,13 +41,23 @@ def gptq(block: nn.Module, io: BlockIO, cfg: GPTQConfig, ctx: Context,
     quantized on their fixed masks, the pruned weights ending at exactly 0."""
     out: dict[str, QWeight] = {}
     groups = io.sibling_groups(block) if cfg.true_sequential else [list(io.layers)]
+    total = sum(x.shape[0] * x.shape[1] for x in io.inputs)  # calibration tokens
     for names in groups:
         hessians = io.input_second_moments(block, names)
         for name in names:
             lin = io.layers[name]
             g = layer_group_size(name, lin.in_features, cfg, ctx)
+            h, seen, calibration = hessians[name], io.tokens_seen[name], None
+            if seen < cfg.min_tokens:
+                h = torch.eye(lin.in_features, device=h.device)
+                calibration = {"tokens": seen, "fallback": "rtn",
+                               "reason": f"{seen} calibration tokens < min_tokens {cfg.min_tokens}"}
+                ctx.warn_once(f"gptq: layers that saw fewer than {cfg.min_tokens} calibration tokens (rarely routed "
+                              "experts) are rounded to nearest; compression.json lists them", key="gptq-min-tokens")
+            elif seen < total:
+                calibration = {"tokens": seen}
             qw = gptq_quantize(
-                lin.weight.data, hessians[name], cfg.bits, g, cfg.symmetric, cfg.torch_scale_dtype,
+                lin.weight.data, h, cfg.bits, g, cfg.symmetric, cfg.torch_scale_dtype,
                 damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order, mse=cfg.mse,
                 refit=cfg.refit_scales, exact=None if exact is None else exact.get(name),
                 kept=io.masks[name].mask if name in io.masks else None,
@@ -47,6 +65,7 @@ def gptq(block: nn.Module, io: BlockIO, cfg: GPTQConfig, ctx: Context,
             if name in io.masks:
                 qw.sparsity_structure = io.masks[name].sparsity_structure
             qw.requested_group_size = cfg.group_size
+            qw.calibration = calibration
             out[name] = qw
             lin.weight.data = qw.dequantize(lin.weight.dtype)  # later groups see this layer quantized
     return out
