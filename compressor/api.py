@@ -76,7 +76,7 @@ def compress(
                     "mean_weight_rel_err": _mean([v["weight_rel_err"] for v in layers.values() if v["pass"] == p.name])}
                    for p in rec.passes],
         "mean_block_output_rel_mse": _mean(list(block_errs.values())),
-        "calibration": {k: cal_info[k] for k in ("source", "samples", "seq_len", "seed")},
+        "calibration": {k: cal_info[k] for k in ("source", "samples", "seq_len", "seed", "bos")},
         "warnings": ctx.warnings,
         **peak_memory(dev),
     }
@@ -129,13 +129,14 @@ def load(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float
 def verify(path: str | Path, data: list[str | Path] | None = None, max_ppl: float | None = None,
            max_kl: float | None = None, min_cos: float | None = None, base: str | None = None,
            max_tokens: int = 16384, seq_len: int = 512, device: str = "auto",
-           on_window: Callable[[int, int], None] | None = None, transformers: bool = False) -> dict[str, Any]:
+           on_window: Callable[[int, int], None] | None = None, transformers: bool = False,
+           bos: bool | None = None) -> dict[str, Any]:
     """`compress verify`: compression.json against the digest its writer sealed it with (row `manifest`, the
     digest printed), every file of the artifact listed there with its sha256 and nothing else in the directory
     (`sha256`), a load and a forward pass, with `transformers` the same logits from transformers' own loader, and
     with a bound the quality on `data` (default: the embedded corpus) against the base model: `base`, else the
-    source recorded at compress time while it is there unchanged (recorded_base). `passed` is False when any check
-    fails.
+    source recorded at compress time while it is there unchanged (recorded_base), on windows with a BOS as
+    evaluate() picks it (`bos`; the result's `bos` says which). `passed` is False when any check fails.
 
     The digests catch accidents and edits that leave them alone; whoever can write the files can also rewrite
     every digest beside them, so a CI job that must trust an artifact pins the manifest sha256 this prints."""
@@ -172,10 +173,11 @@ def verify(path: str | Path, data: list[str | Path] | None = None, max_ppl: floa
             base = recorded_base(info.get("source") or {})
         files = list(data) if data else list(DEFAULT_CORPUS)
         res = evaluate(str(path), files, max_tokens, seq_len, base if needs_base else None, device,
-                       on_window=on_window)
+                       on_window=on_window, bos=bos)
         result["quality"] = {k: res[k] for k in ("perplexity", "kl_to_base", "cosine_similarity", "tokens") if k in res}
         result["data"] = [str(f) for f in files]
         result["base"] = base if needs_base else None
+        result["bos"] = res["bos"]
         for metric, bound in bounds.items():
             v = res[metric]
             ok = v >= bound if metric == "cosine_similarity" else v <= bound

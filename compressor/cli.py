@@ -48,6 +48,8 @@ SEED = typer.Option(None, "--seed", help="sampling seed (overrides the recipe)")
 NO_VERIFY = typer.Option(False, "--no-verify", help="load an artifact without checking its files against "
                          "compression.json")
 EVAL_TOKENS_HELP = "evaluate on the first N tokens of --data"
+BOS = typer.Option(None, "--bos/--no-bos", help="start each evaluation window with the tokenizer's BOS, or not "
+                   "(default: when the tokenizer puts one in front of a text)")
 EVAL_SEQ_LEN_HELP = "tokens per evaluation window (non-overlapping windows; at most the model's positions)"
 
 
@@ -181,6 +183,7 @@ def eval_cmd(
     allow_pickle: bool = ALLOW_PICKLE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     no_verify: bool = NO_VERIFY,
+    bos: Optional[bool] = BOS,
     as_json: bool = JSON,
     quiet: bool = QUIET,
 ) -> None:
@@ -188,7 +191,7 @@ def eval_cmd(
     with _command(quiet, as_json) as emit:
         with _window_progress() as on_window:
             res = evaluate(target, data, max_tokens, seq_len, base, device, allow_pickle, trust_remote_code,
-                           on_window=on_window, verify=not no_verify)
+                           on_window=on_window, verify=not no_verify, bos=bos)
         if not emit(res):
             _table(res, f"eval {target}")
 
@@ -255,6 +258,7 @@ def sweep_cmd(
     seed: Optional[int] = SEED,
     max_tokens: int = typer.Option(16384, "--max-tokens", help="evaluation tokens"),
     eval_seq_len: int = typer.Option(512, "--eval-seq-len", help="evaluation window length"),
+    bos: Optional[bool] = BOS,
     device: str = DEVICE,
     force: bool = typer.Option(False, "--force", help="redo finished runs"),
     allow_pickle: bool = ALLOW_PICKLE,
@@ -291,7 +295,7 @@ def sweep_cmd(
                     errors.print(f"[bold red]{escape(info['name'])} failed:[/] {escape(info['error'])}", highlight=False)
 
             res = sweep(model, names, eval_data, out, calib, samples, seq_len, seed, max_tokens, eval_seq_len, device,
-                        force, allow_pickle, trust_remote_code, on_event)
+                        force, allow_pickle, trust_remote_code, on_event, bos=bos)
         emit(res)
         if res["failed"]:
             raise typer.Exit(1)
@@ -325,6 +329,7 @@ def verify_cmd(
     seq_len: int = typer.Option(512, "--seq-len", help=EVAL_SEQ_LEN_HELP),
     transformers: bool = typer.Option(False, "--transformers", help="also load it with transformers and compare "
                                       "its logits on a fixed prompt to ours"),
+    bos: Optional[bool] = BOS,
     device: str = DEVICE,
     as_json: bool = JSON,
     quiet: bool = QUIET,
@@ -334,7 +339,7 @@ def verify_cmd(
     with _command(quiet, as_json) as emit:
         with _window_progress() as on_window:
             res = verify(artifact, data, max_ppl, max_kl, min_cos, base, max_tokens, seq_len, device,
-                         on_window=on_window, transformers=transformers)
+                         on_window=on_window, transformers=transformers, bos=bos)
         emit(res)
         t = Table("check", "result", Column("detail", overflow="fold"), title=f"verify {artifact}")
         for c in res["checks"]:

@@ -1,5 +1,7 @@
 """Text -> token windows: calibration samples (random windows, seeded) and evaluation windows
-(non-overlapping, from the start). No BOS is added: windows are cut from one token stream.
+(non-overlapping, from the start), cut from one token stream. A window starts with the token the model's
+tokenizer puts in front of every text (default_bos: a decoder's BOS, an encoder's [CLS]) exactly when the
+tokenizer puts one there, as the model sees text in serving; `--bos / --no-bos` force it for evaluation (pick_bos).
 
 With no --calib, the embedded default corpus is used: two public-domain novels shipped inside the
 package (Jane Austen's Emma and Mansfield Park, compressor/corpus/).
@@ -96,6 +98,46 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+PROBE = "x"  # the text default_bos encodes
+
+
+def default_bos(tokenizer) -> int | None:
+    """The id of the token the tokenizer puts in front of every text by default, or None when it puts none:
+    `tokenizer(PROBE)` is longer than the text's own tokens and starts with the tokenizer's BOS (Llama 3, Gemma)
+    or, for an encoder, its CLS (BERT's [CLS]). SmolLM2, GPT-2 and Qwen put none: their windows are the text's.
+
+    What the call does is the rule, not `add_bos_token`: in transformers 5 that flag reads False unless
+    tokenizer_config.json sets it, while a post-processor in tokenizer.json (Llama 3's) adds the BOS anyway, and
+    when the flag is True the tokenizer rebuilds its post-processor to add the BOS, so the call sees it either
+    way. Serving (a pipeline, vLLM) calls the tokenizer too."""
+    ids = tokenizer(PROBE, verbose=False)["input_ids"]
+    text = tokenizer(PROBE, add_special_tokens=False, verbose=False)["input_ids"]
+    starts = {getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "cls_token_id", None)} - {None}
+    return ids[0] if len(ids) > len(text) and ids[0] in starts else None
+
+
+def pick_bos(tokenizer, bos: bool | None) -> int | None:
+    """The id windows start with, or None: the tokenizer's default (`bos` None: default_bos), none (False), or
+    one forced (True: the default one, else the tokenizer's BOS, else its CLS; a BadInput when it has neither)."""
+    if bos is False:
+        return None
+    first = default_bos(tokenizer)
+    if bos is None or first is not None:
+        return first
+    for attr in ("bos_token_id", "cls_token_id"):
+        if getattr(tokenizer, attr, None) is not None:
+            return getattr(tokenizer, attr)
+    raise BadInput(f"--bos: the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} ({type(tokenizer).__name__}) "
+                   f"has no BOS or CLS token to start a window with")
+
+
+def with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """(n, L) windows -> (n, L + 1) with `bos` in front of each; unchanged when `bos` is None."""
+    if bos is None:
+        return windows
+    return torch.cat([windows.new_full((windows.shape[0], 1), bos), windows], 1)
+
+
 def check_window_request(samples: int, seq_len: int) -> None:
     """Calibration sizes that mean something: at least one window, of at least two tokens."""
     if samples < 1:
@@ -104,43 +146,56 @@ def check_window_request(samples: int, seq_len: int) -> None:
         raise BadInput(f"--seq-len {seq_len}: a calibration window needs at least 2 tokens")
 
 
-def calibration_windows(tokens: torch.Tensor, samples: int, seq_len: int, seed: int, what: str = "calibration data") -> torch.Tensor:
-    """`samples` windows of `seq_len` tokens at seeded random offsets: (samples, seq_len). More windows than the
+def calibration_windows(tokens: torch.Tensor, samples: int, seq_len: int, seed: int, what: str = "calibration data",
+                        bos: int | None = None) -> torch.Tensor:
+    """`samples` windows of `seq_len` tokens at seeded random offsets: (samples, seq_len); with `bos`, each is
+    `bos` and seq_len - 1 tokens of text (without, the same windows as before BOS existed). More windows than the
     data has tokens is refused: they would repeat the same text over and over."""
     check_window_request(samples, seq_len)
+    body = seq_len - (bos is not None)  # text tokens per window
     n = tokens.numel()
-    if n < seq_len:
-        raise BadInput(f"{what} has {n} tokens, shorter than one window of seq_len {seq_len}")
+    if n < body:
+        raise BadInput(f"{what} has {n} tokens, shorter than one window of seq_len {seq_len}"
+                       + (f" (a BOS and {body} tokens of text)" if bos is not None else ""))
     if samples > n:
         raise BadInput(f"{what} has {n} tokens, fewer than the {samples} windows asked for (samples): give more "
                        f"text or fewer samples")
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, n - seq_len + 1, (samples,), generator=g)
-    return tokens.unfold(0, seq_len, 1)[starts]
+    starts = torch.randint(0, n - body + 1, (samples,), generator=g)
+    return with_bos(tokens.unfold(0, body, 1)[starts], bos)  # (samples, seq_len)
 
 
-def eval_windows(tokens: torch.Tensor, seq_len: int, max_tokens: int, what: str = "evaluation data") -> torch.Tensor:
-    """The first max_tokens tokens as non-overlapping windows: (n, seq_len); a partial last window is dropped."""
-    n = min(tokens.numel(), max_tokens) // seq_len
+def eval_windows(tokens: torch.Tensor, seq_len: int, max_tokens: int, what: str = "evaluation data",
+                 bos: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows from the start of the text, at most max_tokens tokens in all: (n, seq_len); a
+    partial last window is dropped. With `bos`, each window is `bos` and the next seq_len - 1 tokens of text:
+    the model predicts every text token of it and never the BOS. Without, each window is seq_len tokens of text,
+    its first not predicted (the windows as before BOS existed)."""
+    body = seq_len - (bos is not None)  # text tokens per window
+    n = min(tokens.numel() // body, max_tokens // seq_len)
     if n == 0:
-        raise BadInput(f"{what} has {tokens.numel()} tokens, shorter than one window of seq_len {seq_len}")
-    return tokens[: n * seq_len].reshape(n, seq_len)
+        raise BadInput(f"{what} has {tokens.numel()} tokens, shorter than one window of seq_len {seq_len}"
+                       + (f" (a BOS and {body} tokens of text)" if bos is not None else ""))
+    return with_bos(tokens[: n * body].reshape(n, body), bos)  # (n, seq_len)
 
 
 def load_windows(tokenizer, files, samples: int, seq_len: int, seed: int) -> tuple[torch.Tensor, dict]:
-    """Calibration windows from files (or the embedded corpus) and a description for the artifact."""
+    """Calibration windows from files (or the embedded corpus), each starting with the tokenizer's default BOS
+    when it has one (default_bos), and a description for the artifact (`bos`: whether they do)."""
     default = not files
     paths = [Path(f) for f in (files or DEFAULT_CORPUS)]
     texts = read_texts(paths)
     names = ", ".join(p.name for p in paths)
     tokens = tokenize(tokenizer, texts)
-    windows = calibration_windows(tokens, samples, seq_len, seed, what=f"calibration data ({names})")
+    bos = default_bos(tokenizer)
+    windows = calibration_windows(tokens, samples, seq_len, seed, what=f"calibration data ({names})", bos=bos)
     info = {
         "source": f"embedded default corpus ({names})" if default else names,
         "files": [{"name": p.name, "sha256": sha256_file(p)} for p in paths],
         "samples": samples,
         "seq_len": seq_len,
         "seed": seed,
+        "bos": bos is not None,
         "tokens_available": int(tokens.numel()),
         "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
     }

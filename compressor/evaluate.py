@@ -1,8 +1,10 @@
 """Quality of a model or artifact on text.
 
-Decoders: perplexity over non-overlapping windows of the first `max_tokens` tokens (no BOS; each window
-predicts its own tokens 2..T), and with a base model the mean per-token KL(base || model) over the same
-positions. Encoders: mean cosine similarity of mean-pooled embeddings to the base model's, per window.
+Decoders: perplexity over non-overlapping windows of the first `max_tokens` tokens, and with a base model the
+mean per-token KL(base || model) over the same positions. Encoders: mean cosine similarity of mean-pooled
+embeddings to the base model's, per window. A window starts with the token the tokenizer puts in front of a text
+(data.default_bos: a decoder's BOS, BERT's [CLS]) when it puts one there, unless `bos` forces it; the base model
+sees the same windows. Each window predicts its tokens 2..T: with a BOS, all its text; without, all but the first.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .artifact.reader import load_model
-from .data import eval_windows, read_texts, tokenize
+from .data import eval_windows, pick_bos, read_texts, tokenize
 from .errors import BadInput
 from .models import is_causal_lm, load_tokenizer, pick_device, resolve_model
 from .modules import dequantize_model
@@ -69,9 +71,11 @@ def embedding_similarity(model: nn.Module, base: nn.Module, windows: torch.Tenso
 def evaluate(target: str, data: list[str | Path], max_tokens: int = 16384, seq_len: int = 512,
              base: str | None = None, device: str = "auto", allow_pickle: bool = False,
              trust_remote_code: bool = False, on_window: Callable[[int, int], None] | None = None,
-             verify: bool = True) -> dict[str, Any]:
+             verify: bool = True, bos: bool | None = None) -> dict[str, Any]:
     """Perplexity (and KL to `base`) of a decoder, or embedding similarity to `base` of an encoder. An artifact
-    (target or base) is checked against its manifest before it is loaded (check_artifact) unless not `verify`."""
+    (target or base) is checked against its manifest before it is loaded (check_artifact) unless not `verify`.
+    Windows start with a BOS when the target's tokenizer adds one (`bos` None) or when `bos` is True, never when it
+    is False (data.pick_bos); the result's `bos` says which."""
     t0 = time.perf_counter()
     if not data:
         raise BadInput("evaluation needs --data FILE")
@@ -85,11 +89,13 @@ def evaluate(target: str, data: list[str | Path], max_tokens: int = 16384, seq_l
         dequantize_model(model)  # same numbers as QuantLinear's reference path, dequantized once
     base_model = (load_model(base, str(dev), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, verify=verify)
                   if base else None)
-    tokens = tokenize(load_tokenizer(src.path, trust_remote_code), texts)
+    tokenizer = load_tokenizer(src.path, trust_remote_code)  # after load_model: an artifact's files are checked first
+    tokens = tokenize(tokenizer, texts)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and seq_len > limit:
         raise BadInput(f"seq_len {seq_len} is longer than the model's max_position_embeddings {limit}")
-    windows = eval_windows(tokens, seq_len, max_tokens)
+    bos_id = pick_bos(tokenizer, bos)
+    windows = eval_windows(tokens, seq_len, max_tokens, bos=bos_id)
     tick = (lambda i: on_window(i, len(windows))) if on_window else None
     if is_causal_lm(model):
         res = nll_and_kl(model, windows, base_model, dev, tick)
@@ -98,5 +104,5 @@ def evaluate(target: str, data: list[str | Path], max_tokens: int = 16384, seq_l
             raise BadInput("an encoder is judged by embedding similarity to its base model: pass --base MODEL")
         res = embedding_similarity(model, base_model, windows, dev, tick)
     return {"target": str(target), **res, "tokens": int(windows.numel()), "windows": int(windows.shape[0]),
-            "seq_len": seq_len, "base": base, "data": [str(d) for d in data],
+            "seq_len": seq_len, "bos": bos_id is not None, "base": base, "data": [str(d) for d in data],
             "seconds": round(time.perf_counter() - t0, 2)}

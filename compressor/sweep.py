@@ -6,8 +6,9 @@ Layout of the output directory (what `compress report` reads):
     runs/<recipe>/artifact/         the compressed artifact
     runs/<recipe>/compress.json     the `compress model --json` summary (the artifact is finished)
     runs/<recipe>/compress.log      its log
-    runs/<recipe>/record.json       recipe, bits per weight, size, quality, wall time, peak memory, versions,
-                                    seed and input hashes: written last, so a run with a record is finished
+    runs/<recipe>/record.json       recipe, bits per weight, size, quality, bos (whether the evaluation windows
+                                    started with one), wall time, peak memory, versions, seed and input hashes:
+                                    written last, so a run with a record is finished
 
 Each compression and each evaluation runs in its own process: a run's peak memory is that process's own
 peak, a crash in one run does not take the others with it, and the sweep resumes where it stopped (a run
@@ -29,10 +30,10 @@ from typing import Any, Callable
 import yaml
 
 from . import __version__
-from .data import DEFAULT_CORPUS, read_texts
+from .data import DEFAULT_CORPUS, pick_bos, read_texts
 from .files import sha256_file, write_json_atomic
 from .errors import BadInput, CompressorError
-from .models import find_blocks, model_class, resolve_model, safetensors_files, skeleton
+from .models import find_blocks, load_tokenizer, model_class, resolve_model, safetensors_files, skeleton
 from .passes import get_pass
 from .recipe import load_recipe
 from .runner import check_targets
@@ -140,8 +141,10 @@ def sweep(model: str, recipes: list[str], eval_data: list[str | Path], out: str 
           calib: list[str | Path] | None = None, samples: int | None = None, seq_len: int | None = None,
           seed: int | None = None, eval_tokens: int = 16384, eval_seq_len: int = 512, device: str = "auto",
           force: bool = False, allow_pickle: bool = False, trust_remote_code: bool = False,
-          on_event: Event = lambda kind, info: None) -> dict[str, Any]:
-    """Compress `model` with each recipe and evaluate it on `eval_data`; returns {"out", "base", "runs", "failed"}.
+          on_event: Event = lambda kind, info: None, bos: bool | None = None) -> dict[str, Any]:
+    """Compress `model` with each recipe and evaluate it on `eval_data`; returns {"out", "base", "runs", "failed",
+    "bos"}. The evaluation windows start with a BOS as evaluate() picks it for `model`'s tokenizer (`bos`), the
+    same for every run; `bos` in the result and in each record says whether they did.
 
     Events for a progress display: ("start", {runs}), ("run", {i, name, stage}), ("block", {block, blocks, prefix})
     while a recipe compresses, ("done", {i, name, record, resumed}), ("failed", {i, name, error})."""
@@ -169,6 +172,7 @@ def sweep(model: str, recipes: list[str], eval_data: list[str | Path], out: str 
     if src.is_compressed:
         raise BadInput(f"model {model} is already compressed (compressed-tensors); give the uncompressed checkpoint")
     encoder = is_encoder(src.config)
+    eval_bos = pick_bos(load_tokenizer(src.path, trust_remote_code), bos) is not None
     blocks_prefix, blocks = find_blocks(skeleton(src.path, trust_remote_code))
     for name, rec in resolved.items():  # a recipe whose targets select nothing fails now, not when its run comes
         try:
@@ -181,6 +185,8 @@ def sweep(model: str, recipes: list[str], eval_data: list[str | Path], out: str 
         "calibration": _files_info(list(calib or DEFAULT_CORPUS)),
         "evaluation": _files_info(eval_data), "eval_tokens": eval_tokens, "eval_seq_len": eval_seq_len,
     }
+    if eval_bos:  # only when True: every record written before BOS windows existed evaluated without, and keeps its key
+        inputs["eval_bos"] = True
     out.mkdir(parents=True, exist_ok=True)
     plan = []
     for name, rec in resolved.items():
@@ -195,8 +201,9 @@ def sweep(model: str, recipes: list[str], eval_data: list[str | Path], out: str 
     common = ["--device", device] + (["--allow-pickle"] if allow_pickle else []) + \
              (["--trust-remote-code"] if trust_remote_code else [])
     eval_args = [x for f in eval_data for x in ("--data", str(f))] + \
-                ["--max-tokens", str(eval_tokens), "--seq-len", str(eval_seq_len)] + common
-    base = _base_record(model, src.config, out, inputs, encoder, eval_args, force, on_event)
+                ["--max-tokens", str(eval_tokens), "--seq-len", str(eval_seq_len),
+                 "--bos" if eval_bos else "--no-bos"] + common
+    base = _base_record(model, src.config, out, inputs, encoder, eval_bos, eval_args, force, on_event)
 
     runs, failed = [], []
     for i, (name, rec, key, d) in enumerate(plan, 1):
@@ -215,10 +222,10 @@ def sweep(model: str, recipes: list[str], eval_data: list[str | Path], out: str 
             continue
         runs.append(record)
         on_event("done", {"i": i, "name": name, "record": record, "resumed": False})
-    return {"out": str(out), "base": base, "runs": runs, "failed": failed}
+    return {"out": str(out), "base": base, "runs": runs, "failed": failed, "bos": eval_bos}
 
 
-def _base_record(model: str, config: dict, out: Path, inputs: dict, encoder: bool, eval_args: list[str],
+def _base_record(model: str, config: dict, out: Path, inputs: dict, encoder: bool, bos: bool, eval_args: list[str],
                  force: bool, on_event: Event) -> dict[str, Any]:
     d = out / "base"
     key = hashlib.sha256(json.dumps({"inputs": inputs, "base": True}, sort_keys=True).encode()).hexdigest()
@@ -236,6 +243,7 @@ def _base_record(model: str, config: dict, out: Path, inputs: dict, encoder: boo
         quality = {"perplexity": res["perplexity"], "kl_to_base": 0.0, "tokens": res["tokens"]}
     record = {"name": "base", "key": key, "model": model, "kind": "encoder" if encoder else "decoder",
               "bits_per_weight": 8.0 * _dtype_bytes(config.get("dtype") or config.get("torch_dtype")), "quality": quality,
+              "bos": bos,
               "tool_version": __version__, "inputs": inputs, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json_atomic(d / RECORD, record, indent=2, sort_keys=True)
     on_event("done", {"i": 0, "name": "base", "record": record, "resumed": False})
@@ -270,7 +278,8 @@ def _run(model: str, name: str, rec, key: str, d: Path, inputs: dict, calib, com
         "name": name, "key": key, "model": model, "recipe": yaml.safe_load(recipe_text), "passes": [p.name for p in rec.passes],
         "artifact": str(art.relative_to(d.parent)),
         "bits_per_weight": summary["bits_per_weight"], "size_bytes": summary["size_bytes"],
-        "quality": quality, "compress_seconds": summary["seconds"], "eval_seconds": res.get("seconds"),
+        "quality": quality, "bos": res["bos"],
+        "compress_seconds": summary["seconds"], "eval_seconds": res.get("seconds"),
         "peak_memory_bytes": summary.get("peak_memory_bytes"),
         "peak_gpu_memory_bytes": summary.get("peak_gpu_memory_bytes"),
         "seed": rec.calibration.seed, "calibration": summary.get("calibration"),
