@@ -340,7 +340,8 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 
 def skeleton(path: Path, trust_remote_code: bool = False) -> nn.Module:
-    """The model's modules with parameters on the meta device (buffers real, e.g. rotary frequencies)."""
+    """The model's modules with parameters on the meta device in float32, whatever config.json's dtype (buffers real,
+    e.g. rotary frequencies): an artifact's stored dtype is not the dtype it is loaded or compressed in."""
     from transformers import AutoConfig
 
     try:
@@ -354,7 +355,7 @@ def skeleton(path: Path, trust_remote_code: bool = False) -> nn.Module:
         if hasattr(cls, "_from_config"):
             model = cls._from_config(config, dtype=torch.float32)
         else:
-            model = cls.from_config(config, trust_remote_code=trust_remote_code)
+            model = cls.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
     return model.eval()
 
 
