@@ -17,7 +17,7 @@ from .artifact.writer import ArtifactWriter, check_output
 from .data import DEFAULT_CORPUS
 from .errors import BadInput
 from .evaluate import evaluate
-from .models import Checkpoint, ModelSource, find_blocks, is_causal_lm, load_tokenizer, skeleton
+from .models import DTYPES, Checkpoint, ModelSource, find_blocks, is_causal_lm, load_tokenizer, skeleton, storage_dtype
 from .blocks import Context
 from .runner import BlockResult, block_tensors, checkpoint_key_prefix, prepare, run_blocks
 
@@ -34,16 +34,23 @@ def compress(
     force: bool = False,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    dtype: str = "auto",
     log: Callable[[str], None] = lambda msg: None,
     on_block: Callable[[int, int, str, BlockResult], None] | None = None,
 ) -> dict[str, Any]:
-    """Compress `model` with `recipe` into the artifact directory `out`; returns the run's summary."""
+    """Compress `model` with `recipe` into the artifact directory `out`; returns the run's summary. `dtype` is the
+    storage dtype of the tensors no pass compresses (embeddings, norms, biases, ignored layers): auto (the source
+    model's own, models.storage_dtype), float32, float16 or bfloat16; the passes compute in float32 regardless."""
     t0 = time.perf_counter()
     out = Path(out)
+    if dtype != "auto" and dtype not in DTYPES:
+        raise BadInput(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
     local = Path(model).expanduser()  # a model path: the output may not be it or hold it (before any conversion)
     check_output(out, force, local if model != "demo" and local.exists() else None)
     rec, dev, src, windows, cal_info = prepare(model, recipe, calib, samples, seq_len, seed, device, log,
                                                 allow_pickle, trust_remote_code)
+    dtype = storage_dtype(src) if dtype == "auto" else dtype
+    log(f"storage dtype of the tensors no pass compresses: {dtype}")
     cal = rec.calibration
     skel = skeleton(src.path, trust_remote_code)
     ckpt = Checkpoint(src.path)
@@ -53,7 +60,7 @@ def compress(
     block_errs: dict[str, float] = {}
     with ArtifactWriter(out, force, src.path) as writer:
         def done(i: int, prefix: str, res: BlockResult) -> None:
-            add_block(writer, skel, ckpt, prefix, res, layers, block_errs)
+            add_block(writer, skel, ckpt, prefix, res, layers, block_errs, dtype)
             if on_block:
                 on_block(i, len(blocks), prefix, res)
 
@@ -64,12 +71,14 @@ def compress(
             "calibration": cal_info,
             "metrics": {"block_output_rel_mse": {k: round(v, 8) for k, v in block_errs.items()}},
             "warnings": ctx.warnings,
-        })
+        }, dtype)
         writer.commit()
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     return {
         "artifact": str(out),
         "bits_per_weight": manifest["bits_per_weight"],
+        "bits_per_weight_model": manifest["bits_per_weight_model"],
+        "storage_dtype": dtype,
         "size_bytes": size,
         "seconds": round(time.perf_counter() - t0, 2),
         "passes": [{"pass": p.name, "layers": sum(1 for v in layers.values() if v["pass"] == p.name),
@@ -83,10 +92,11 @@ def compress(
 
 
 def add_block(writer: ArtifactWriter, skel: nn.Module, ckpt: Checkpoint, prefix: str, res: BlockResult,
-              layers: dict[str, dict], block_errs: dict[str, float]) -> None:
-    """A finished block into the artifact: its tensors as a part file, its layers' compression.json entries into
-    `layers` and its output error into `block_errs` (what compress() does after every block)."""
-    writer.add_part(block_tensors(skel, ckpt, prefix, res.qweights))
+              layers: dict[str, dict], block_errs: dict[str, float], dtype: str | None = None) -> None:
+    """A finished block into the artifact: its tensors as a part file (uncompressed floating-point ones in storage
+    dtype `dtype`, None: as the checkpoint has them), its layers' compression.json entries into `layers` and its
+    output error into `block_errs` (what compress() does after every block)."""
+    writer.add_part(block_tensors(skel, ckpt, prefix, res.qweights, DTYPES[dtype] if dtype else None))
     for name, w in sorted(res.qweights.items()):
         layers[name] = layer_entry(w, res.layer_pass[name], res.layer_err[name])
     if res.out_rel_err is not None:
@@ -94,15 +104,18 @@ def add_block(writer: ArtifactWriter, skel: nn.Module, ckpt: Checkpoint, prefix:
 
 
 def finish_artifact(writer: ArtifactWriter, skel: nn.Module, ckpt: Checkpoint, src: ModelSource,
-                    layers: dict[str, dict], recipe_yaml: str, info: dict[str, Any]) -> dict[str, Any]:
-    """After the blocks: the tensors outside them, model.safetensors, config.json (quantization_config),
-    tokenizer files, recipe.yaml and compression.json (`info`: source, recipe, calibration, metrics, warnings).
-    Returns the manifest; the caller commits the writer."""
+                    layers: dict[str, dict], recipe_yaml: str, info: dict[str, Any],
+                    dtype: str | None = None) -> dict[str, Any]:
+    """After the blocks: the tensors outside them (floating-point ones in storage dtype `dtype`, None: as the
+    checkpoint has them), model.safetensors, config.json (quantization_config, dtype), tokenizer files, recipe.yaml
+    and compression.json (`info`: source, recipe, calibration, metrics, warnings). Returns the manifest; the caller
+    commits the writer."""
     blocks_prefix, _ = find_blocks(skel)
     blocks_key_prefix = checkpoint_key_prefix(skel, ckpt, blocks_prefix)
-    writer.add_part({k: ckpt.get(k) for k in ckpt.keys() if not k.startswith(blocks_key_prefix)})
+    cast = DTYPES[dtype] if dtype else None
+    writer.add_part({k: ckpt.get(k, cast) for k in ckpt.keys() if not k.startswith(blocks_key_prefix)})
     writer.join_parts()
-    return write_metadata(writer, skel, src, layers, recipe_yaml, info)
+    return write_metadata(writer, skel, src, layers, recipe_yaml, info, dtype)
 
 
 def peak_memory(device: torch.device) -> dict[str, int]:

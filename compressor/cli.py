@@ -145,6 +145,8 @@ def model_cmd(
     force: bool = typer.Option(False, "--force", help="replace an existing output (only an artifact of ours)"),
     allow_pickle: bool = ALLOW_PICKLE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
+    dtype: str = typer.Option("auto", "--dtype", help="storage dtype of the tensors no pass compresses (embeddings, "
+                              "norms, biases): auto (the source model's own), float32, float16, bfloat16"),
     as_json: bool = JSON,
     quiet: bool = QUIET,
 ) -> None:
@@ -167,7 +169,8 @@ def model_cmd(
 
         with progress:
             summary = compress(model, recipe, out, calib, samples, seq_len, seed, device, force, allow_pickle,
-                               trust_remote_code, log=lambda m: err.print(m, highlight=False), on_block=on_block)
+                               trust_remote_code, dtype, log=lambda m: err.print(m, highlight=False),
+                               on_block=on_block)
         if not emit(summary):
             _table(summary, f"wrote {out}")
 

@@ -5,7 +5,8 @@ A reference is a local HF directory, a .gguf file, a hub id, or `demo` (SmolLM2-
 safetensors files; GGUF and (with --allow-pickle) pickle checkpoints are converted once into a cache.
 Weights are then read lazily, one module at a time (`Checkpoint`, `materialize`), onto a skeleton built
 on the meta device, so a block can be loaded, compressed and dropped without the rest of the model.
-Beside that, the loading primitives every command shares: device, dtype and tokenizer.
+Beside that, the loading primitives every command shares: device, dtype and tokenizer, and the dtype a source's
+own tensors are in (storage_dtype: what an artifact stores the tensors no pass compresses in).
 """
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
+from gguf import GGUFValueType
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
@@ -309,14 +312,23 @@ class Checkpoint:
     def __contains__(self, key: str) -> bool:
         return key in self.files
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor `key`; with `dtype`, a floating-point one cast to it (integer tensors as they are): how the
+        artifact stores the tensors no pass compresses. A value the cast cannot hold (float16 ends at 65504) is a
+        BadInput naming the tensor, never an inf on disk."""
         # Opened per read and closed at once: a handle kept open keeps every page it has touched mapped,
         # so resident memory would grow with the model instead of staying at one block.
         with safe_open(self.files[key], framework="pt") as h:
             value = h.get_tensor(key)
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise BadInput(f"tensor {key} in {self.files[key]} holds NaN or inf values: non-finite weights cannot be used")
-        return value
+        if dtype is None or not value.is_floating_point() or value.dtype == dtype:
+            return value
+        cast = value.to(dtype)
+        if not bool(torch.isfinite(cast).all()):
+            raise BadInput(f"tensor {key} in {self.files[key]} holds values up to {float(value.abs().max()):.6g}, "
+                           f"beyond the range of {str(dtype).removeprefix('torch.')}: pass --dtype bfloat16 or float32")
+        return cast
 
 
 def model_class(config):
@@ -341,7 +353,8 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 
 def skeleton(path: Path, trust_remote_code: bool = False) -> nn.Module:
-    """The model's modules with parameters on the meta device (buffers real, e.g. rotary frequencies); fused MoE
+    """The model's modules with parameters on the meta device in float32, whatever config.json's dtype (buffers real,
+    e.g. rotary frequencies): an artifact's stored dtype is not the dtype it is loaded or compressed in. Fused MoE
     experts are per-expert Linears again (experts.unfuse_experts), named as in the checkpoint."""
     from transformers import AutoConfig
 
@@ -356,7 +369,7 @@ def skeleton(path: Path, trust_remote_code: bool = False) -> nn.Module:
         if hasattr(cls, "_from_config"):
             model = cls._from_config(config, dtype=torch.float32)
         else:
-            model = cls.from_config(config, trust_remote_code=trust_remote_code)
+            model = cls.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
     unfuse_experts(model)
     return model.eval()
 
@@ -524,6 +537,71 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise BadInput(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def storage_dtype(src: ModelSource) -> str:
+    """The dtype a source model's own tensors are in, the artifact's storage dtype of the tensors no pass compresses
+    (`compress model --dtype auto`; the passes compute in float32 all the same). For a GGUF source (`demo`, a .gguf
+    file) its header's `general.file_type` (gguf_dtype): the converted cache's config.json says float32 only because
+    it was loaded so. Otherwise config.json's `dtype` (transformers 5 writes it) or `torch_dtype` (earlier releases)
+    when it is float32, float16 or bfloat16 (for a pickle checkpoint the original directory's config.json, when
+    there is one), else bfloat16."""
+    if src.kind in ("demo", "gguf"):
+        return gguf_dtype(demo_gguf() if src.kind == "demo" else Path(src.ref).expanduser())
+    original = Path(src.ref).expanduser() / "config.json"
+    config = read_json_object(original) if src.kind == "pickle" and original.is_file() else src.config
+    name = config.get("dtype") or config.get("torch_dtype")
+    return name if name in DTYPES else "bfloat16"
+
+
+# GGUF `general.file_type` (gguf.LlamaFileType) -> dtype: ALL_F32, MOSTLY_F16, MOSTLY_BF16; any quantized type (the
+# original model's float type is not recorded in the file) is stored in bfloat16
+GGUF_FILE_TYPES = {0: "float32", 1: "float16", 32: "bfloat16"}
+_GGUF_SCALARS = {GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H", GGUFValueType.INT16: "h",
+                 GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i", GGUFValueType.FLOAT32: "f",
+                 GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "Q", GGUFValueType.INT64: "q",
+                 GGUFValueType.FLOAT64: "d"}
+
+
+def gguf_dtype(gguf: Path) -> str:
+    """The dtype a GGUF file's header declares (GGUF_FILE_TYPES): bfloat16 for a quantized file or none declared."""
+    return GGUF_FILE_TYPES.get(gguf_file_type(gguf), "bfloat16")
+
+
+def gguf_file_type(gguf: Path) -> int | None:
+    """`general.file_type` of a GGUF (v2, v3) file, None when its header has none. Reads the metadata only up to that
+    key: gguf.GGUFReader parses all of it, the tokenizer's vocabulary included (3.4 s for the demo's 100 MB file)."""
+    with open(gguf, "rb") as f:
+        def read(fmt: str):
+            b = f.read(struct.calcsize(fmt))
+            if len(b) < struct.calcsize(fmt):
+                raise BadInput(f"GGUF file {gguf}: its header is truncated")
+            return struct.unpack("<" + fmt, b)[0]
+
+        def skip(vtype: int) -> None:
+            if vtype in _GGUF_SCALARS:
+                f.seek(struct.calcsize(_GGUF_SCALARS[vtype]), 1)
+            elif vtype == GGUFValueType.STRING:
+                f.seek(read("Q"), 1)
+            elif vtype == GGUFValueType.ARRAY:
+                etype, n = read("I"), read("Q")
+                if etype in _GGUF_SCALARS:
+                    f.seek(n * struct.calcsize(_GGUF_SCALARS[etype]), 1)
+                else:
+                    for _ in range(n):
+                        skip(etype)
+            else:
+                raise BadInput(f"GGUF file {gguf}: unknown metadata value type {vtype}")
+
+        if f.read(4) != b"GGUF" or read("I") < 2:
+            raise BadInput(f"{gguf} is not a GGUF file of version 2 or later")
+        read("Q")  # the tensor count
+        for _ in range(read("Q")):  # the metadata's key-value pairs
+            key, vtype = f.read(read("Q")), read("I")
+            if key == b"general.file_type" and vtype in _GGUF_SCALARS:
+                return int(read(_GGUF_SCALARS[vtype]))
+            skip(vtype)
+    return None
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):

@@ -218,9 +218,10 @@ def _finish(model: nn.Module, ckpt: Checkpoint, windows: Tensor, ctx: Context, s
         release(model, "")
 
 
-def block_tensors(model: nn.Module, ckpt: Checkpoint, prefix: str, qweights: dict[str, CompressedWeight]
-                  ) -> dict[str, Tensor]:
-    """The artifact tensors of one block: checkpoint tensors unchanged, compressed weights as their tensors."""
+def block_tensors(model: nn.Module, ckpt: Checkpoint, prefix: str, qweights: dict[str, CompressedWeight],
+                  dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """The artifact tensors of one block: compressed weights as their tensors (in their own dtypes), the other
+    checkpoint tensors unchanged but for floating-point ones cast to the storage dtype `dtype` (None: as stored)."""
     out: dict[str, Tensor] = {}
     quant_keys = {}
     for name, qw in qweights.items():
@@ -236,7 +237,7 @@ def block_tensors(model: nn.Module, ckpt: Checkpoint, prefix: str, qweights: dic
     ck_prefix = checkpoint_key_prefix(model, ckpt, prefix)
     for key in ckpt.keys():
         if key.startswith(ck_prefix) and key not in quant_keys:
-            out[key] = ckpt.get(key)
+            out[key] = ckpt.get(key, dtype)
     return out
 
 

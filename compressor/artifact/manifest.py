@@ -3,6 +3,8 @@ compressed-tensors `quantization_config` written into config.json, and the recor
 What the writer writes besides the tensors (`write_metadata`) is decided here; reading it back is reader.py's."""
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +68,49 @@ def manifest_sizes(layers: dict[str, dict]) -> dict[str, Any]:
     return out
 
 
+def tensor_bytes(files: list[Path]) -> dict[str, tuple[str, int, int]]:
+    """Every tensor of safetensors `files`, from their headers (no data read): name -> (dtype as safetensors names
+    it, number of elements, bytes)."""
+    out = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for k, v in header.items():
+            if k != "__metadata__":
+                out[k] = (v["dtype"], math.prod(v["shape"]), v["data_offsets"][1] - v["data_offsets"][0])
+    return out
+
+
+def model_bits_per_weight(artifact_files: list[Path], source_files: list[Path]) -> float:
+    """compression.json's `bits_per_weight_model`: 8 x the bytes of every tensor the artifact's safetensors files
+    hold (codes, scales, zero points, weight_shape, our extensions' tensors, and the tensors no pass compressed in
+    the storage dtype: embeddings, norms, biases, ignored layers) / the number of parameters of the source model
+    (the elements of its checkpoint's floating-point tensors: a tied output embedding, stored once, counts once).
+    Integer tensors of the source (BERT's position_ids), copied as they are, count in neither; file headers are not
+    tensors (`size_bytes`, the size on disk, counts them). `bits_per_weight` is the same over the compressed layers
+    alone; an uncompressed float32 model has 32.0 here."""
+    source = tensor_bytes(source_files)
+    copied_ints = {k for k, (dt, _, _) in source.items() if not dt.startswith(("F", "BF"))}
+    params = sum(n for k, (_, n, _) in source.items() if k not in copied_ints)
+    stored = sum(b for k, (_, _, b) in tensor_bytes(artifact_files).items() if k not in copied_ints)
+    return round(8 * stored / max(params, 1), 4)
+
+
 def write_metadata(writer: ArtifactWriter, skel: nn.Module, src: ModelSource, layers: dict[str, dict],
-                   recipe_yaml: str, info: dict[str, Any]) -> dict[str, Any]:
-    """After the tensors: config.json (quantization_config), tokenizer files, recipe.yaml and compression.json
-    (`info`: source, recipe, calibration, metrics, warnings), sealed by its sidecar. Returns the manifest."""
+                   recipe_yaml: str, info: dict[str, Any], dtype: str | None = None) -> dict[str, Any]:
+    """After the tensors: config.json (quantization_config; `dtype`, the storage dtype of the tensors no pass
+    compressed, when given: transformers loads the artifact in it by default), tokenizer files, recipe.yaml and
+    compression.json (`info`: source, recipe, calibration, metrics, warnings; storage_dtype, bits_per_weight_model),
+    sealed by its sidecar. Returns the manifest."""
     linears = [n for n, m in skel.named_modules() if isinstance(m, nn.Linear)]
     config = src.config
+    config.setdefault("architectures", [type(skel).__name__])  # a GGUF conversion writes none; vLLM picks its
+    # model class by it
     config["quantization_config"] = ct_quantization_config(layers, [n for n in linears if n not in layers])
+    if dtype is not None:
+        config["dtype"] = dtype  # what transformers' from_pretrained(dtype="auto"), its default, loads it in
+        if "torch_dtype" in config:  # the name before transformers 4.56 (5.x reads `dtype` first)
+            config["torch_dtype"] = dtype
     writer.write_json("config.json", config)
     for f in copied_files(src.path):  # checked again: each a regular file inside the source
         writer.copy_in(f)
@@ -80,6 +118,10 @@ def write_metadata(writer: ArtifactWriter, skel: nn.Module, src: ModelSource, la
     manifest = {"format_version": FORMAT_VERSION, "tool": "compressor", "tool_version": __version__,
                 "compressed_tensors_version": _ct_version(), **info, **manifest_sizes(layers)}
     files = writer.files()
+    manifest["bits_per_weight_model"] = model_bits_per_weight([f for f in files if f.suffix == ".safetensors"],
+                                                              safetensors_files(src.path))
+    if dtype is not None:
+        manifest["storage_dtype"] = dtype
     manifest["size_bytes"] = sum(f.stat().st_size for f in files)
     manifest["files"] = file_hashes(files)
     writer.write_json(MANIFEST, manifest)
