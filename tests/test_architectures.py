@@ -83,36 +83,49 @@ def test_moe_router_unquantized_experts_linears(tiny_dir, small_calib, tmp_path)
             assert torch.equal(a.get_tensor(k), b.get_tensor(k).float()), k
 
 
-def test_moe_gptq_counts_routed_tokens_and_falls_back(demo_path, tmp_path):
-    """16 experts, top-2, 4 windows of 16 tokens: each expert's Hessian counts only the tokens routed to it (the
-    counts add up to top_k x tokens), and the ones that saw fewer than min_tokens are rounded to nearest, recorded
-    per layer, with no NaN and no zeroed weight."""
+@pytest.fixture(scope="module")
+def many_experts(tmp_path_factory):
+    """One Qwen2-MoE block with 16 experts, top-2, and 4 windows of 16 tokens: some experts get few or no tokens.
+    Returns a function making (block, io, FP weights, tokens) for `windows` random windows of `seq_len` tokens,
+    the experts' Linears as io.layers."""
     import transformers
 
-    from compressor.blocks import BlockIO, Context, capture_block_inputs
+    from compressor.blocks import BlockIO, capture_block_inputs
     from compressor.models import Checkpoint, find_blocks, materialize, skeleton
-    from compressor.passes import get_pass
 
     torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("moe16") / "m"
     cfg = transformers.Qwen2MoeConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2, num_experts=16,
                                       num_experts_per_tok=2, moe_intermediate_size=64,
                                       shared_expert_intermediate_size=128)
-    transformers.Qwen2MoeForCausalLM(cfg).save_pretrained(tmp_path / "m")
-    model, ckpt = skeleton(tmp_path / "m"), Checkpoint(tmp_path / "m")
-    prefix, blocks = find_blocks(model)
-    materialize(model, "", ckpt)
-    ids = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
-    inputs, kwargs = capture_block_inputs(model, blocks[0], ids, 2, torch.device("cpu"))
-    block = blocks[0]
-    layers = {f"{prefix}.0.{n}": m for n, m in block.named_modules()
-              if isinstance(m, torch.nn.Linear) and ".experts." in n}
-    fp = {n: m.weight.data.clone() for n, m in layers.items()}
-    io = BlockIO(f"{prefix}.0", inputs, kwargs, layers)
+    transformers.Qwen2MoeForCausalLM(cfg).save_pretrained(path)
+    def make(windows: int = 4, seq_len: int = 16):
+        ids = torch.randint(0, 512, (windows, seq_len), generator=torch.Generator().manual_seed(0))
+        model, ckpt = skeleton(path), Checkpoint(path)
+        prefix, blocks = find_blocks(model)
+        materialize(model, "", ckpt)
+        inputs, kwargs = capture_block_inputs(model, blocks[0], ids, 2, torch.device("cpu"))
+        layers = {f"{prefix}.0.{n}": m for n, m in blocks[0].named_modules()
+                  if isinstance(m, torch.nn.Linear) and ".experts." in n}
+        fp = {n: m.weight.data.clone() for n, m in layers.items()}
+        return blocks[0], BlockIO(f"{prefix}.0", inputs, kwargs, layers), fp, ids.numel()
+
+    return make
+
+
+def test_moe_gptq_counts_routed_tokens_and_falls_back(many_experts):
+    """Each expert's Hessian counts only the tokens routed to it (the counts add up to top_k x tokens), and the
+    ones that saw fewer than min_tokens are rounded to nearest, recorded per layer, with no NaN and no zeroed
+    weight."""
+    from compressor.blocks import Context
+    from compressor.passes import get_pass
+
+    block, io, fp, tokens = many_experts()
     info = get_pass("gptq")
     out = info.fn(block, io, info.config(bits=4, group_size=-1, symmetric=True), Context())
-    gates = {n: io.tokens_seen[n] for n in layers if n.endswith("gate_proj")}
-    assert sum(gates.values()) == 2 * ids.numel(), gates
+    gates = {n: io.tokens_seen[n] for n in io.layers if n.endswith("gate_proj")}
+    assert sum(gates.values()) == 2 * tokens, gates
     fell = [n for n, qw in out.items() if (qw.calibration or {}).get("fallback") == "rtn"]
     assert fell and len(fell) < len(out), {n: io.tokens_seen[n] for n in out}
     for n, qw in out.items():
@@ -123,6 +136,22 @@ def test_moe_gptq_counts_routed_tokens_and_falls_back(demo_path, tmp_path):
         assert (qw.calibration or {}).get("tokens") == seen, (n, qw.calibration, seen)
         assert ((qw.calibration or {}).get("fallback") == "rtn") == (seen < 16), (n, seen)
         assert qw.manifest_entry()["calibration"]["tokens"] == seen
+
+
+def test_moe_lowrank_keeps_unrouted_experts_dense(many_experts):
+    """Low-rank onto the utilized subspace: an expert no token reached is kept dense (nothing measures its
+    subspace), the others are factorised from their own tokens' second moments, all finite."""
+    from compressor.blocks import Context
+    from compressor.passes import get_pass
+
+    block, io, fp, _ = many_experts(1, 4)  # 8 routed slots for 16 experts: at least 8 see nothing
+    info = get_pass("lowrank")
+    out = info.fn(block, io, info.config(method="utilized", params=0.5), Context())
+    unrouted = [n for n in io.layers if io.tokens_seen[n] == 0]
+    assert unrouted and not set(unrouted) & set(out), unrouted
+    assert out, "no expert was factorised"
+    for n, lw in out.items():
+        assert torch.isfinite(lw.dequantize()).all(), n
 
 
 def test_unsupported_fused_experts_exit_2(tmp_path, demo_path):

@@ -422,6 +422,9 @@ def test_evopress_depth_end_to_end(tmp_path, demo_path):
     assert sorted(trace["cosine_choice"]) != [] and trace["final_fitness_pool"] <= trace["start_fitness_pool"] + 1e-9
     ref = skeleton(demo_path)
     materialize(ref, "", Checkpoint(demo_path))
+    stored = getattr(torch, meta["storage_dtype"])  # the kept layers, embeddings and norms as the artifact stores them
+    for p in ref.parameters():
+        p.data = p.data.to(stored).float()
     for u in units:
         proj = "o_proj" if u.endswith("self_attn") else "down_proj"
         ref.get_submodule(f"{u}.{proj}").weight.data.zero_()

@@ -129,8 +129,11 @@ def lowrank(block: nn.Module, io: BlockIO, cfg: LowRankConfig, ctx: Context) -> 
         f = io.assignment.get(name, {}).get("params", cfg.params)
         if f is not None and f >= 1:
             continue  # the allocation keeps it dense
+        if moments and io.tokens_seen.get(name, tokens) == 0:  # an MoE expert no calibration token reached:
+            kept.append(f"{name.rsplit('.', 1)[-1]} (no calibration tokens)")  # nothing measures its subspace
+            continue
         layer_cfg = cfg if f == cfg.params else cfg.model_copy(update={"params": f})
-        c = moments[name] / tokens if moments else None
+        c = moments[name] / io.tokens_seen.get(name, tokens) if moments else None  # per token it saw
         eig = None
         if cfg.method == "utilized":
             if last is None or last[0].shape != c.shape or not torch.equal(last[0], c):
@@ -142,5 +145,5 @@ def lowrank(block: nn.Module, io: BlockIO, cfg: LowRankConfig, ctx: Context) -> 
         else:
             out[name] = lw
     if kept:
-        ctx.log(f"lowrank {io.prefix}: kept dense, the rank saves nothing: {', '.join(kept)}")
+        ctx.log(f"lowrank {io.prefix}: kept dense (the rank saves nothing, or no data): {', '.join(kept)}")
     return out
