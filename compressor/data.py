@@ -101,6 +101,12 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
 PROBE = "x"  # the text default_bos encodes
 
 
+def start_tokens(tokenizer) -> list[int]:
+    """The ids a window may start with, in order of preference: the tokenizer's BOS, then its CLS (those it has)."""
+    ids = (getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "cls_token_id", None))
+    return [i for i in ids if i is not None]
+
+
 def default_bos(tokenizer) -> int | None:
     """The id of the token the tokenizer puts in front of every text by default, or None when it puts none:
     `tokenizer(PROBE)` is longer than the text's own tokens and starts with the tokenizer's BOS (Llama 3, Gemma)
@@ -112,8 +118,7 @@ def default_bos(tokenizer) -> int | None:
     way. Serving (a pipeline, vLLM) calls the tokenizer too."""
     ids = tokenizer(PROBE, verbose=False)["input_ids"]
     text = tokenizer(PROBE, add_special_tokens=False, verbose=False)["input_ids"]
-    starts = {getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "cls_token_id", None)} - {None}
-    return ids[0] if len(ids) > len(text) and ids[0] in starts else None
+    return ids[0] if len(ids) > len(text) and ids[0] in start_tokens(tokenizer) else None
 
 
 def pick_bos(tokenizer, bos: bool | None) -> int | None:
@@ -124,9 +129,8 @@ def pick_bos(tokenizer, bos: bool | None) -> int | None:
     first = default_bos(tokenizer)
     if bos is None or first is not None:
         return first
-    for attr in ("bos_token_id", "cls_token_id"):
-        if getattr(tokenizer, attr, None) is not None:
-            return getattr(tokenizer, attr)
+    if start_tokens(tokenizer):
+        return start_tokens(tokenizer)[0]
     raise BadInput(f"--bos: the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} ({type(tokenizer).__name__}) "
                    f"has no BOS or CLS token to start a window with")
 

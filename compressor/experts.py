@@ -7,7 +7,7 @@ them when it loads. The passes compress Linears, and serving engines read the pe
 `unfuse_experts` puts the per-expert Linears back in the skeleton under the checkpoint's own names:
 `RoutedExperts` is a ModuleList of `ExpertMLP`s with the fused module's forward (the same tokens routed to the
 same expert, the same weighting), so each expert's Linears see only the tokens routed to it and a pass's
-hooks (GPTQ's Hessian) count only those. The router stays what it is (not a Linear; see recipe.ROUTER).
+hooks (GPTQ's Hessian) count only those. The router stays what it is (not a Linear; a router Linear is left out of default targets: targets.is_router).
 
 `renamed_keys`: the pure renamings of transformers' conversion mapping (`.block_sparse_moe.` -> `.mlp.` for
 Mixtral), so that a model name finds its checkpoint key (models.checkpoint_key). The artifact keeps the

@@ -3,6 +3,7 @@ atomic write (a temporary sibling renamed over the target, so a reader never see
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -43,3 +44,11 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 def write_json_atomic(path: Path, obj: Any, **dumps: Any) -> None:
     """Standard JSON (safejson: no NaN) written atomically, with a trailing newline."""
     write_atomic(path, lambda p: p.write_text(safejson.dumps(obj, **dumps) + "\n"))
+
+
+def safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """A safetensors file's header, read without its data: (bytes before the first tensor's data, the header
+    object: tensor name -> {dtype, shape, data_offsets}, and `__metadata__`)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return 8 + n, json.loads(f.read(n))

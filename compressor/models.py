@@ -21,14 +21,13 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from gguf import GGUFValueType
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
 
 from .errors import BadInput, CompressorError
 from .experts import RoutedExperts, renamed_keys, unfuse_experts
-from .files import cache_dir, sha256_file, write_atomic
+from .files import cache_dir, safetensors_header, sha256_file, write_atomic
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -178,12 +177,10 @@ def check_safetensors(path: Path) -> None:
     for f in safetensors_files(path):
         try:
             size = f.stat().st_size
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
+            base, header = safetensors_header(f)
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            if 8 + n + end != size:
-                raise ValueError(f"{size} bytes, expected {8 + n + end}")
+            if base + end != size:
+                raise ValueError(f"{size} bytes, expected {base + end}")
         except (ValueError, KeyError, UnicodeDecodeError, OverflowError, MemoryError) as e:
             raise BadInput(f"{f} is truncated or not a safetensors file ({e})") from None
 
@@ -557,10 +554,6 @@ def storage_dtype(src: ModelSource) -> str:
 # GGUF `general.file_type` (gguf.LlamaFileType) -> dtype: ALL_F32, MOSTLY_F16, MOSTLY_BF16; any quantized type (the
 # original model's float type is not recorded in the file) is stored in bfloat16
 GGUF_FILE_TYPES = {0: "float32", 1: "float16", 32: "bfloat16"}
-_GGUF_SCALARS = {GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H", GGUFValueType.INT16: "h",
-                 GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i", GGUFValueType.FLOAT32: "f",
-                 GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "Q", GGUFValueType.INT64: "q",
-                 GGUFValueType.FLOAT64: "d"}
 
 
 def gguf_dtype(gguf: Path) -> str:
@@ -570,7 +563,12 @@ def gguf_dtype(gguf: Path) -> str:
 
 def gguf_file_type(gguf: Path) -> int | None:
     """`general.file_type` of a GGUF (v2, v3) file, None when its header has none. Reads the metadata only up to that
-    key: gguf.GGUFReader parses all of it, the tokenizer's vocabulary included (3.4 s for the demo's 100 MB file)."""
+    key: gguf.GGUFReader parses all of it, the tokenizer's vocabulary included (3.4 s for the demo's 100 MB file).
+    The gguf package is imported here, not with this module: every command imports models.py, few read a GGUF."""
+    from gguf import GGUFValueType as T
+
+    scalars = {T.UINT8: "B", T.INT8: "b", T.UINT16: "H", T.INT16: "h", T.UINT32: "I", T.INT32: "i", T.FLOAT32: "f",
+               T.BOOL: "?", T.UINT64: "Q", T.INT64: "q", T.FLOAT64: "d"}  # value type -> struct format
     with open(gguf, "rb") as f:
         def read(fmt: str):
             b = f.read(struct.calcsize(fmt))
@@ -579,14 +577,14 @@ def gguf_file_type(gguf: Path) -> int | None:
             return struct.unpack("<" + fmt, b)[0]
 
         def skip(vtype: int) -> None:
-            if vtype in _GGUF_SCALARS:
-                f.seek(struct.calcsize(_GGUF_SCALARS[vtype]), 1)
-            elif vtype == GGUFValueType.STRING:
+            if vtype in scalars:
+                f.seek(struct.calcsize(scalars[vtype]), 1)
+            elif vtype == T.STRING:
                 f.seek(read("Q"), 1)
-            elif vtype == GGUFValueType.ARRAY:
+            elif vtype == T.ARRAY:
                 etype, n = read("I"), read("Q")
-                if etype in _GGUF_SCALARS:
-                    f.seek(n * struct.calcsize(_GGUF_SCALARS[etype]), 1)
+                if etype in scalars:
+                    f.seek(n * struct.calcsize(scalars[etype]), 1)
                 else:
                     for _ in range(n):
                         skip(etype)
@@ -598,8 +596,8 @@ def gguf_file_type(gguf: Path) -> int | None:
         read("Q")  # the tensor count
         for _ in range(read("Q")):  # the metadata's key-value pairs
             key, vtype = f.read(read("Q")), read("I")
-            if key == b"general.file_type" and vtype in _GGUF_SCALARS:
-                return int(read(_GGUF_SCALARS[vtype]))
+            if key == b"general.file_type" and vtype in scalars:
+                return int(read(scalars[vtype]))
             skip(vtype)
     return None
 

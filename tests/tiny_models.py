@@ -77,15 +77,14 @@ def fake_quantized_reference(src: Path, artifact: Path) -> torch.nn.Module:
     """transformers' FP model of `src` with every pack-quantized weight of `artifact` dequantized into it (the
     reference dequantization, quant.dequantize_packed); fused experts get their experts' rows."""
     from safetensors import safe_open
+    from transformers import AutoConfig
     from transformers.core_model_loading import WeightRenaming, apply_renamings
 
     from compressor.experts import _conversions, expert_names
     from compressor.models import model_class
     from compressor.quant import dequantize_packed
 
-    cfg = json.loads((src / "config.json").read_text())
-    model = model_class(type("C", (), {"architectures": cfg["architectures"]})).from_pretrained(
-        src, dtype=torch.float32).eval()
+    model = model_class(AutoConfig.from_pretrained(src)).from_pretrained(src, dtype=torch.float32).eval()
     layers = json.loads((artifact / "compression.json").read_text())["layers"]
     renamings = [c for c in _conversions(model) if isinstance(c, WeightRenaming)]
     names = expert_names(model)
@@ -101,9 +100,8 @@ def fake_quantized_reference(src: Path, artifact: Path) -> torch.nn.Module:
             zp = h.get_tensor(f"{base}.weight_zero_point") if f"{base}.weight_zero_point" in keys else None
             w = dequantize_packed(h.get_tensor(key), h.get_tensor(f"{base}.weight_scale"), zp, tuple(entry["shape"]),
                                   entry["bits"], entry["group_size"], torch.float32)
-            target = next((p for p in (f"{name}.weight", f"{prefix}.{name}.weight", name.removeprefix(prefix + "."
-                                                                                                      ) + ".weight")
-                           if p in params), None)
+            spellings = (name, f"{prefix}.{name}", name.removeprefix(prefix + "."))  # with or without the base prefix
+            target = next((f"{s}.weight" for s in spellings if f"{s}.weight" in params), None)
             with torch.no_grad():
                 if target is not None:
                     params[target].copy_(w)

@@ -3,7 +3,6 @@ compressed-tensors `quantization_config` written into config.json, and the recor
 What the writer writes besides the tensors (`write_metadata`) is decided here; reading it back is reader.py's."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from .. import __version__
-from ..files import sha256_file
+from ..files import safetensors_header, sha256_file
 from ..lowrank import LOWRANK
 from ..models import PICKLE_SUFFIXES, ModelSource, copied_files, safetensors_files
 from ..quant import MASKED_QUANT
@@ -73,9 +72,7 @@ def tensor_bytes(files: list[Path]) -> dict[str, tuple[str, int, int]]:
     it, number of elements, bytes)."""
     out = {}
     for f in files:
-        with open(f, "rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-        for k, v in header.items():
+        for k, v in safetensors_header(f)[1].items():
             if k != "__metadata__":
                 out[k] = (v["dtype"], math.prod(v["shape"]), v["data_offsets"][1] - v["data_offsets"][0])
     return out

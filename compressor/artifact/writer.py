@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from .. import safejson
 from ..errors import BadInput, CompressorError
+from ..files import safetensors_header
 
 SHARD_BYTES = 5 * 1024**3
 
@@ -190,18 +191,12 @@ class ArtifactWriter:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _read_header(path: Path) -> tuple[int, dict]:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return 8 + n, json.loads(f.read(n))
-
-
 def join_safetensors(parts: list[Path], out_dir: Path, shard_bytes: int = SHARD_BYTES) -> list[Path]:
     """Join part files into model.safetensors (or model-0000i-of-0000n.safetensors + index), keys sorted,
     copying each tensor's bytes straight from its part: memory stays at one tensor."""
     entries = []  # (key, part, data_start, info)
     for p in parts:
-        base, header = _read_header(p)
+        base, header = safetensors_header(p)
         for k, v in header.items():
             if k != "__metadata__":
                 entries.append((k, p, base, v))

@@ -120,8 +120,7 @@ def _reads(cfg: LowRankConfig) -> str:
 def lowrank(block: nn.Module, io: BlockIO, cfg: LowRankConfig, ctx: Context) -> dict[str, LowRankWeight]:
     """Low-rank factors of each Linear: onto its utilized subspace, or truncated / activation-aware SVD."""
     names = list(io.layers)
-    moments = {} if cfg.method == "svd" else io.input_second_moments(block, names)
-    tokens = sum(x.shape[0] * x.shape[1] for x in io.inputs) if moments else 1
+    moments = {} if cfg.method == "svd" else io.input_second_moments(block, names)  # + io.tokens_seen
     out, kept = {}, []
     last = None  # siblings reading one input share its eigendecomposition
     for name in names:
@@ -129,11 +128,11 @@ def lowrank(block: nn.Module, io: BlockIO, cfg: LowRankConfig, ctx: Context) -> 
         f = io.assignment.get(name, {}).get("params", cfg.params)
         if f is not None and f >= 1:
             continue  # the allocation keeps it dense
-        if moments and io.tokens_seen.get(name, tokens) == 0:  # an MoE expert no calibration token reached:
+        if moments and io.tokens_seen[name] == 0:  # an MoE expert no calibration token reached:
             kept.append(f"{name.rsplit('.', 1)[-1]} (no calibration tokens)")  # nothing measures its subspace
             continue
         layer_cfg = cfg if f == cfg.params else cfg.model_copy(update={"params": f})
-        c = moments[name] / io.tokens_seen.get(name, tokens) if moments else None  # per token it saw
+        c = moments[name] / io.tokens_seen[name] if moments else None  # per token it saw
         eig = None
         if cfg.method == "utilized":
             if last is None or last[0].shape != c.shape or not torch.equal(last[0], c):
