@@ -17,7 +17,7 @@ from .artifact.writer import ArtifactWriter, check_output
 from .data import DEFAULT_CORPUS
 from .errors import BadInput
 from .evaluate import evaluate
-from .models import DTYPES, Checkpoint, ModelSource, find_blocks, is_causal_lm, load_tokenizer, skeleton, storage_dtype
+from .models import DTYPES, Checkpoint, ModelSource, checkpoint_key, find_blocks, is_causal_lm, load_tokenizer, skeleton, storage_dtype
 from .blocks import Context
 from .runner import BlockResult, block_tensors, checkpoint_key_prefix, prepare, run_blocks
 
@@ -61,7 +61,9 @@ def compress(
     with ArtifactWriter(out, force, src.path) as writer:
         def done(i: int, prefix: str, res: BlockResult) -> None:
             add_block(writer, skel, ckpt, prefix, res, layers, block_errs, dtype)
-            if on_block:
+            if not prefix:  # the embedding / lm_head a recipe names (runner.compress_outside)
+                log(f"outside the blocks: {', '.join(f'{n} ({res.layer_pass[n]})' for n in sorted(res.qweights))}")
+            elif on_block:
                 on_block(i, len(blocks), prefix, res)
 
         rec = run_blocks(skel, ckpt, rec, windows, ctx, done)  # with the plans' assignments
@@ -99,6 +101,8 @@ def add_block(writer: ArtifactWriter, skel: nn.Module, ckpt: Checkpoint, prefix:
     writer.add_part(block_tensors(skel, ckpt, prefix, res.qweights, DTYPES[dtype] if dtype else None))
     for name, w in sorted(res.qweights.items()):
         layers[name] = layer_entry(w, res.layer_pass[name], res.layer_err[name])
+        if name in res.tied:
+            layers[name]["tied_to"] = res.tied[name]
     if res.out_rel_err is not None:
         block_errs[prefix] = res.out_rel_err
 
@@ -106,14 +110,15 @@ def add_block(writer: ArtifactWriter, skel: nn.Module, ckpt: Checkpoint, prefix:
 def finish_artifact(writer: ArtifactWriter, skel: nn.Module, ckpt: Checkpoint, src: ModelSource,
                     layers: dict[str, dict], recipe_yaml: str, info: dict[str, Any],
                     dtype: str | None = None) -> dict[str, Any]:
-    """After the blocks: the tensors outside them (floating-point ones in storage dtype `dtype`, None: as the
-    checkpoint has them), model.safetensors, config.json (quantization_config, dtype), tokenizer files, recipe.yaml
+    """After the blocks: the tensors outside them that no pass compressed (floating-point ones in storage dtype
+    `dtype`, None: as the checkpoint has them), model.safetensors, config.json (quantization_config, dtype), tokenizer files, recipe.yaml
     and compression.json (`info`: source, recipe, calibration, metrics, warnings). Returns the manifest; the caller
     commits the writer."""
     blocks_prefix, _ = find_blocks(skel)
     blocks_key_prefix = checkpoint_key_prefix(skel, ckpt, blocks_prefix)
     cast = DTYPES[dtype] if dtype else None
-    writer.add_part({k: ckpt.get(k, cast) for k in ckpt.keys() if not k.startswith(blocks_key_prefix)})
+    replaced = {checkpoint_key(skel, ckpt, f"{n}.weight") for n in layers}  # an embedding / lm_head compressed
+    writer.add_part({k: ckpt.get(k, cast) for k in ckpt.keys() if not k.startswith(blocks_key_prefix) and k not in replaced})
     writer.join_parts()
     return write_metadata(writer, skel, src, layers, recipe_yaml, info, dtype)
 

@@ -268,7 +268,7 @@ def save_plain(model: nn.Module, dest: Path) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.save_pretrained(dest)
-    tied = _tied_output_weight(model)
+    tied = tied_output_weight(model)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != tied}
     save_file(state, str(dest / "model.safetensors"), metadata={"format": "pt"})
 
@@ -400,7 +400,7 @@ def materialize(model: nn.Module, module_name: str, ckpt: Checkpoint, device: st
     checkpoint is tied to the input embedding."""
     module = model.get_submodule(module_name) if module_name else model
     prefix = f"{module_name}." if module_name else ""
-    tied_out = _tied_output_weight(model)
+    tied_out = tied_output_weight(model)
     for name, t in list(module.named_parameters(recurse=True)) + list(module.named_buffers(recurse=True)):
         full = prefix + name
         if exclude and full.startswith(exclude + "."):
@@ -420,8 +420,8 @@ def materialize(model: nn.Module, module_name: str, ckpt: Checkpoint, device: st
                            f"(config.json) expects {list(t.shape)}")
         set_module_tensor_to_device(module, name, device, value=value)
     if tied_out and not module_name and checkpoint_key(model, ckpt, tied_out) is None:
-        emb = model.get_input_embeddings().weight
-        if not emb.is_meta:
+        emb = getattr(model.get_input_embeddings(), "weight", None)  # a quantized one has none: its reader ties it
+        if emb is not None and not emb.is_meta:
             model.get_output_embeddings().weight = emb
 
 
@@ -433,7 +433,9 @@ def _tensor_source(ckpt, key: str | None = None) -> str:
     return ", ".join(sorted({str(f.parent) for f in files.values()})) or "checkpoint"
 
 
-def _tied_output_weight(model: nn.Module) -> str | None:
+def tied_output_weight(model: nn.Module) -> str | None:
+    """The name of the output embedding's weight (`lm_head.weight`) when config.json ties it to the input
+    embedding, else None (whether the checkpoint stores it all the same is checkpoint_key's question)."""
     cfg = getattr(model, "config", None)
     if not getattr(cfg, "tie_word_embeddings", False):
         return None
@@ -502,6 +504,53 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         raise BadInput(f"{arch} has more than one stack of blocks ({', '.join([best[0], *others])}), which is not "
                        "supported: give a decoder-only causal LM or a BERT-like encoder")
     return best
+
+
+@dataclass(frozen=True)
+class OutsideLayer:
+    """A weight matrix outside the blocks that a recipe may name: the input embedding or lm_head."""
+
+    name: str  # the module whose tensor the checkpoint stores (a tied lm_head's is the input embedding's)
+    module: nn.Module  # nn.Embedding or nn.Linear
+    names: tuple[str, ...]  # what a recipe may select it by: with tied embeddings, both modules' names
+
+
+def outside_layers(model: nn.Module, ckpt: Checkpoint) -> list[OutsideLayer]:
+    """The input embedding (an nn.Embedding) and the output embedding (lm_head, an nn.Linear) of `model`; an output
+    embedding tied to the input one that the checkpoint does not store is the input embedding's entry, by both
+    names (one tensor: quantized once, read by both)."""
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb = emb if isinstance(emb, nn.Embedding) and id(emb) in names else None
+    head = head if isinstance(head, nn.Linear) and id(head) in names else None
+    tied = tied_output_weight(model)
+    shared = emb is not None and head is not None and tied is not None and checkpoint_key(model, ckpt, tied) is None
+    out = []
+    if emb is not None:
+        out.append(OutsideLayer(names[id(emb)], emb, (names[id(emb)], names[id(head)]) if shared else (names[id(emb)],)))
+    if head is not None and not shared:
+        out.append(OutsideLayer(names[id(head)], head, (names[id(head)],)))
+    return out
+
+
+def embedding_scale(emb: nn.Embedding) -> tuple[float | None, bool]:
+    """(factor, rounded) of a scaled word embedding's forward (Gemma's, BART's: rows x factor, `rounded` when the
+    class rounds the factor to the weights' dtype first, as those that keep it as a tensor do); (None, False) for a
+    plain nn.Embedding. Any other subclass, or a max_norm, is a BadInput: a quantized table would not keep what its
+    forward does."""
+    cls = type(emb).__name__
+    if emb.max_norm is not None:
+        raise BadInput(f"embedding {cls} renormalises its rows (max_norm {emb.max_norm}): it cannot be quantized")
+    if type(emb) is nn.Embedding:
+        return None, False
+    if cls.endswith("ScaledWordEmbedding"):
+        if isinstance(getattr(emb, "scalar_embed_scale", None), (int, float)):
+            return float(emb.scalar_embed_scale), True
+        if isinstance(getattr(emb, "embed_scale", None), (int, float)):
+            return float(emb.embed_scale), False
+    raise BadInput(f"embedding class {cls} has a forward of its own that a quantized table would not keep: "
+                   "only nn.Embedding and transformers' scaled word embeddings can be quantized")
 
 
 def load_dense(src: ModelSource, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:

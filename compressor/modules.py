@@ -1,4 +1,5 @@
-"""Runtime modules of a loaded artifact (and of a block while the runner compresses it): QuantLinear, LowRankLinear."""
+"""Runtime modules of a loaded artifact (and of a block while the runner compresses it): QuantLinear, QuantEmbedding,
+LowRankLinear."""
 from __future__ import annotations
 
 import math
@@ -10,14 +11,14 @@ from . import ops
 from .quant import col_index_bits
 
 
-class QuantLinear(nn.Module):
-    """A Linear whose weight is stored as compressed-tensors pack-quantized buffers (its state dict is the
-    artifact's layout) and multiplied through ops.py: on CUDA the fused dequant-matmul kernel (or the dequant
-    kernel and cuBLAS for larger batches), elsewhere the reference. The kernel layout is made from the buffers
-    on first use on a device and kept (ops.KernelWeight; it shares the packed words when no padding is needed)."""
+class PackedWeight(nn.Module):
+    """A weight matrix (out_features, in_features) stored as compressed-tensors pack-quantized buffers (its state
+    dict is the artifact's layout): weight_packed, weight_scale, weight_shape and, asymmetric, weight_zero_point.
+    The kernel layout is made from the buffers on first use on a device and kept (ops.KernelWeight; it shares the
+    packed words when no padding is needed). QuantLinear multiplies by it, QuantEmbedding looks rows up in it."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool,
-                 bias: bool, scale_dtype: torch.dtype = torch.float16, sparse_nnz: int = 0):
+                 scale_dtype: torch.dtype = torch.float16):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
@@ -29,15 +30,7 @@ class QuantLinear(nn.Module):
             self.weight_zero_point = None
         else:
             self.register_buffer("weight_zero_point", torch.zeros(math.ceil(out_features * bits / 32), groups, dtype=torch.int32))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.sparse_nnz = sparse_nnz
-        if sparse_nnz:  # a dense-and-sparse layer: the float16 CSR residual (quant.SparseResidual)
-            col = torch.int16 if col_index_bits(in_features) == 16 else torch.int32
-            self.register_buffer("weight_sparse_values", torch.zeros(sparse_nnz, dtype=torch.float16))
-            self.register_buffer("weight_sparse_col", torch.zeros(sparse_nnz, dtype=col))
-            self.register_buffer("weight_sparse_rowptr", torch.zeros(out_features + 1, dtype=torch.int32))
         self._kernel: tuple[tuple, ops.KernelWeight] | None = None
-        self._sparse: tuple[tuple, tuple[Tensor, Tensor, Tensor]] | None = None
 
     def kernel_weight(self) -> ops.KernelWeight:
         """The weight in the kernel layout, remade when the buffers moved or were replaced."""
@@ -48,6 +41,34 @@ class QuantLinear(nn.Module):
                 self.weight_packed, self.weight_scale, self.weight_zero_point, (self.out_features, self.in_features),
                 self.bits, self.group_size))
         return self._kernel[1]
+
+    def share_buffers(self, other: "PackedWeight") -> None:
+        """Use `other`'s buffers (the same tensors): a tied lm_head reads the quantized input embedding."""
+        for name in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point"):
+            if getattr(other, name) is not None:
+                setattr(self, name, getattr(other, name))
+
+    def _grid_repr(self) -> str:
+        g = "channel" if self.group_size == -1 else f"group {self.group_size}"
+        return f"int{self.bits} {g} {'sym' if self.weight_zero_point is None else 'asym'}"
+
+
+class QuantLinear(PackedWeight):
+    """A Linear with a pack-quantized weight (PackedWeight), multiplied through ops.py: on CUDA the fused
+    dequant-matmul kernel (or the dequant kernel and cuBLAS for larger batches), elsewhere the reference; with a
+    dense-and-sparse weight, its float16 CSR residual added."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool,
+                 bias: bool, scale_dtype: torch.dtype = torch.float16, sparse_nnz: int = 0):
+        super().__init__(in_features, out_features, bits, group_size, symmetric, scale_dtype)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.sparse_nnz = sparse_nnz
+        if sparse_nnz:  # a dense-and-sparse layer: the float16 CSR residual (quant.SparseResidual)
+            col = torch.int16 if col_index_bits(in_features) == 16 else torch.int32
+            self.register_buffer("weight_sparse_values", torch.zeros(sparse_nnz, dtype=torch.float16))
+            self.register_buffer("weight_sparse_col", torch.zeros(sparse_nnz, dtype=col))
+            self.register_buffer("weight_sparse_rowptr", torch.zeros(out_features + 1, dtype=torch.int32))
+        self._sparse: tuple[tuple, tuple[Tensor, Tensor, Tensor]] | None = None
 
     def sparse_coo(self) -> tuple[Tensor, Tensor, Tensor] | None:
         """The residual as (rows, cols, values) on the buffers' device, or None for a plain layer."""
@@ -75,9 +96,32 @@ class QuantLinear(nn.Module):
         return y if coo is None else ops.sparse_linear_add(y, x, *coo)
 
     def extra_repr(self) -> str:
-        g = "channel" if self.group_size == -1 else f"group {self.group_size}"
-        sym = "sym" if self.weight_zero_point is None else "asym"
-        return f"{self.in_features}, {self.out_features}, int{self.bits} {g} {sym}, bias={self.bias is not None}"
+        return f"{self.in_features}, {self.out_features}, {self._grid_repr()}, bias={self.bias is not None}"
+
+
+class QuantEmbedding(PackedWeight):
+    """An embedding table of `num_embeddings` rows of width `embedding_dim`, pack-quantized as the weight of an
+    embedding_dim -> num_embeddings Linear (compressed-tensors quantizes nn.Embedding so); a lookup dequantizes only
+    the rows it reads (ops.embedding), as `dtype` (the model's). A scaled word embedding (Gemma's, BART's) multiplies
+    its rows by `embed_scale`: `round_scale` True rounds the factor to the rows' dtype first, as the classes that
+    keep it as a tensor do."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int, symmetric: bool,
+                 scale_dtype: torch.dtype = torch.float16, dtype: torch.dtype = torch.float32,
+                 embed_scale: float | None = None, round_scale: bool = False):
+        super().__init__(embedding_dim, num_embeddings, bits, group_size, symmetric, scale_dtype)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.dtype, self.embed_scale, self.round_scale = dtype, embed_scale, round_scale
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = ops.embedding(ids, self.kernel_weight(), self.dtype)
+        if self.embed_scale is None:
+            return rows
+        return rows * (torch.tensor(self.embed_scale).to(rows.dtype) if self.round_scale else self.embed_scale)
+
+    def extra_repr(self) -> str:
+        scale = "" if self.embed_scale is None else f", scale {self.embed_scale:g}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self._grid_repr()}{scale}"
 
 
 class LowRankLinear(nn.Module):

@@ -218,6 +218,15 @@ def linear(x: Tensor, w: KernelWeight, bias: Tensor | None) -> Tensor:
     return y.reshape(*lead, w.n)
 
 
+def embedding(ids: Tensor, w: KernelWeight, dtype: torch.dtype) -> Tensor:
+    """F.embedding(ids, W) for a quantized table W (V rows of width k): only the rows `ids` reads are dequantized,
+    ids (...) -> (..., k) of `dtype`."""
+    flat = ids.reshape(-1)
+    zero = None if w.zero is None else w.zero[flat]
+    rows = dequant(w.words[flat], w.scale[flat], zero, w.k, w.bits, w.group_size, dtype)
+    return rows.reshape(*ids.shape, w.k)
+
+
 def sparse_linear_add(y: Tensor, x: Tensor, rows: Tensor, cols: Tensor, values: Tensor) -> Tensor:
     """y (..., N) + x (..., K) @ S^T for a sparse S given as (rows, cols, values): a gather of the inputs the
     residual touches and a scatter-add into the outputs, without densifying S."""

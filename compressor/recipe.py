@@ -52,6 +52,13 @@ class PassSpec(BaseModel):
             return not is_router(layer)
         return any(matches(p, layer) for p in self.targets)
 
+    def selects_outside(self, names: tuple[str, ...]) -> bool:
+        """Whether this step compresses a weight outside the blocks known by `names` (models.OutsideLayer: the
+        input embedding, lm_head, or a tied pair by both names): only when its targets name it (the default
+        targets are the blocks' Linears) and its ignore list names neither."""
+        return (bool(self.targets) and any(matches(p, n) for p in self.targets for n in names)
+                and not any(matches(p, n) for p in self.ignore for n in names))
+
     def to_yaml_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"pass": self.name}
         if self.targets:

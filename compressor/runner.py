@@ -6,19 +6,19 @@ passes only through the registry.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from .blocks import Context, check_calibration, rel_sq_err, stream_blocks
+from .blocks import BlockIO, Context, check_calibration, rel_sq_err, stream_blocks
 from .data import load_windows
 from .errors import BadInput
-from .models import (Checkpoint, checkpoint_key, find_blocks, load_tokenizer, materialize, pick_device, release,
-                     resolve_model, skeleton)
-from .passes import FinishInput, PassInfo, PlanInput, get_pass
+from .models import (Checkpoint, OutsideLayer, checkpoint_key, embedding_scale, find_blocks, load_tokenizer,
+                     materialize, outside_layers, pick_device, release, resolve_model, skeleton)
+from .passes import PASSES, FinishInput, PassInfo, PlanInput, get_pass
 from .recipe import PassSpec, Recipe, load_recipe
 from .weights import CompressedWeight
 
@@ -66,26 +66,85 @@ class BlockResult:
     out_rel_err: float | None  # ||y_q - y_fp||^2 / ||y_fp||^2 of the block output on the compressed inputs
     # (None when no pass of the recipe needs calibration data: then nothing is run forward)
     seconds: float
+    tied: dict[str, str] = field(default_factory=dict)  # a compressed input embedding -> the lm_head tied to it
 
 
-def check_targets(blocks_prefix: str, blocks: nn.ModuleList, specs: list[tuple[PassSpec, PassInfo]]) -> int:
-    """A pass whose targets select no Linear inside the blocks is an error before anything runs (a mistyped
-    regex would otherwise write an artifact with nothing compressed). After a factorising pass, the factors
-    `<layer>.a` / `<layer>.b` of the layers it selects are names later passes may select too. Returns the index
-    of the last block any pass selects a layer in: the blocks after it need no forward."""
+def picked_outside(spec: PassSpec, outside: list[OutsideLayer]) -> list[OutsideLayer]:
+    return [o for o in outside if spec.selects_outside(o.names)]
+
+
+def check_targets(blocks_prefix: str, blocks: nn.ModuleList, specs: list[tuple[PassSpec, PassInfo]],
+                  outside: list[OutsideLayer] = ()) -> int:
+    """A pass whose targets select no Linear inside the blocks, nor a weight outside them (`outside`: the input
+    embedding, lm_head), is an error before anything runs (a mistyped regex would otherwise write an artifact with
+    nothing compressed); so is a weight outside the blocks selected by a pass that needs more than the weight
+    (PassInfo.outside), by two passes, or that is an embedding a quantized table would not serve (embedding_scale).
+    After a factorising pass, the factors `<layer>.a` / `<layer>.b` of the layers it selects are names later passes
+    may select too. Returns the index of the last block any pass selects a layer in: the blocks after it need no
+    forward."""
     names = [(i, f"{blocks_prefix}.{i}.{n}") for i, b in enumerate(blocks) for n, m in b.named_modules()
              if isinstance(m, nn.Linear)]
     last = 0
+    taken: dict[str, str] = {}  # outside weight -> the pass that compresses it
     for k, (spec, info) in enumerate(specs):
         chosen = [(i, n) for i, n in names if spec.selects(n)]
-        if not chosen:
+        picked = picked_outside(spec, outside)
+        for o in picked:
+            what = " and ".join(o.names) + (" (tied: one tensor)" if len(o.names) > 1 else "")
+            if not info.outside:
+                able = ", ".join(sorted(n for n, p in PASSES.items() if p.outside))
+                raise BadInput(f"pass {k + 1} ({spec.name}): its targets select {what}, outside the model's blocks, "
+                               f"which only {able} compress (from the weight alone); give it a step of its own")
+            if o.name in taken:
+                raise BadInput(f"{what} is selected by two passes ({taken[o.name]} and {spec.name}); narrow their "
+                               "targets")
+            taken[o.name] = spec.name
+            if isinstance(o.module, nn.Embedding):
+                embedding_scale(o.module)
+        if not chosen and not picked:
             sel = f"targets {list(spec.targets)}" + (f" minus ignore {list(spec.ignore)}" if spec.ignore else "")
             raise BadInput(f"pass {k + 1} ({spec.name}): its {sel} select no Linear inside the model's blocks "
                            f"(names look like {names[0][1]!r})")
-        last = max(last, chosen[-1][0])
+        if chosen:
+            last = max(last, chosen[-1][0])
         if info.factors:
             names += [(i, f"{n}.{f}") for i, n in chosen for f in "ab"]
     return last
+
+
+def compress_outside(model: nn.Module, ckpt: Checkpoint, specs: list[tuple[PassSpec, PassInfo]],
+                     outside: list[OutsideLayer], ctx: Context) -> BlockResult | None:
+    """The weights outside the blocks the recipe names (the input embedding, lm_head), each compressed by its pass
+    from the weight alone: an embedding of V rows of width D is given to it as the weight of a D -> V Linear (the
+    layout compressed-tensors quantizes nn.Embedding in). None when the recipe names none."""
+    t0 = time.perf_counter()
+    res = BlockResult({}, {}, {}, None, 0.0)
+    for spec, info in specs:
+        picked = picked_outside(spec, outside)
+        if not picked:
+            continue
+        layers = {}
+        for o in picked:
+            materialize(model, o.name, ckpt, ctx.device)
+            if isinstance(o.module, nn.Embedding):
+                lin = nn.Linear(o.module.embedding_dim, o.module.num_embeddings, bias=False, device="meta")
+                lin.weight = o.module.weight
+            else:
+                lin = o.module
+            layers[o.name] = lin
+            if len(o.names) > 1:
+                res.tied[o.name] = o.names[1]
+                ctx.log(f"{o.names[1]} is tied to {o.name}: {spec.name} quantizes their one tensor, which both read")
+        io = BlockIO("", [], [], layers)
+        for name, qw in info.fn(model, io, spec.config, ctx).items():
+            w = layers[name].weight.data
+            res.qweights[name] = qw
+            res.layer_pass[name] = spec.name
+            res.layer_err[name] = float((qw.dequantize(w.dtype) - w).norm() / w.norm().clamp_min(1e-30))
+        for o in picked:
+            release(model, o.name)
+    res.seconds = time.perf_counter() - t0
+    return res if res.qweights else None
 
 
 def run_blocks(
@@ -99,10 +158,12 @@ def run_blocks(
     """Compress the model block by block; `on_block_done(i, prefix, result)` is called while the block's
     quantized weights are still in memory (the artifact writer reads them there), then it is dropped.
     Passes with a plan stage are planned first; with a finish stage, every block's results are kept until
-    it has run, and only then handed to on_block_done. Returns the recipe with the plans' assignments."""
+    it has run, and only then handed to on_block_done. The weights outside the blocks the recipe names come last,
+    as on_block_done(len(blocks), "", result) (compress_outside). Returns the recipe with the plans' assignments."""
     blocks_prefix, blocks = find_blocks(model)
     specs = [(spec, get_pass(spec.name)) for spec in recipe.passes]
-    last_block = check_targets(blocks_prefix, blocks, specs)
+    outside = outside_layers(model, ckpt)
+    last_block = check_targets(blocks_prefix, blocks, specs, outside)
     for i, (spec, info) in enumerate(specs):
         if info.plan is not None and not spec.assignment:
             ctx.log(f"{spec.name}: planning")
@@ -196,6 +257,9 @@ def run_blocks(
         _finish(model, ckpt, windows, ctx, specs, kept)
         for i, prefix, res in kept:
             on_block_done(i, prefix, res)
+    head = compress_outside(model, ckpt, specs, outside, ctx)
+    if head is not None:
+        on_block_done(len(blocks), "", head)
     return recipe
 
 
@@ -221,24 +285,34 @@ def _finish(model: nn.Module, ckpt: Checkpoint, windows: Tensor, ctx: Context, s
 def block_tensors(model: nn.Module, ckpt: Checkpoint, prefix: str, qweights: dict[str, CompressedWeight],
                   dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """The artifact tensors of one block: compressed weights as their tensors (in their own dtypes), the other
-    checkpoint tensors unchanged but for floating-point ones cast to the storage dtype `dtype` (None: as stored)."""
+    checkpoint tensors unchanged but for floating-point ones cast to the storage dtype `dtype` (None: as stored).
+    `prefix` "" (the weights outside the blocks, compress_outside): their compressed tensors alone."""
     out: dict[str, Tensor] = {}
-    quant_keys = {}
+    quant_keys = set()
     for name, qw in qweights.items():
-        key = checkpoint_key(model, ckpt, f"{name}.weight")
-        if key is None:  # a factor of a factorised layer (`<layer>.a`): named after that layer's checkpoint key
-            parent, _, child = name.rpartition(".")
-            pkey = checkpoint_key(model, ckpt, f"{parent}.weight")
-            assert pkey is not None and parent in qweights, name
-            key = f"{pkey[: -len('weight')]}{child}.weight"
-        quant_keys[key] = qw
+        key = compressed_key(model, ckpt, name, qweights)
+        quant_keys.add(key)
         for suffix, t in qw.to_tensors().items():
             out[key[: -len("weight")] + suffix] = t
+    if not prefix:
+        return out
     ck_prefix = checkpoint_key_prefix(model, ckpt, prefix)
     for key in ckpt.keys():
         if key.startswith(ck_prefix) and key not in quant_keys:
             out[key] = ckpt.get(key, dtype)
     return out
+
+
+def compressed_key(model: nn.Module, ckpt: Checkpoint, name: str, qweights: dict[str, CompressedWeight]) -> str:
+    """The checkpoint key of compressed layer `name`'s weight, which its compressed tensors replace; a factor of a
+    factorised layer (`<layer>.a`, not in the checkpoint) is named after that layer's key."""
+    key = checkpoint_key(model, ckpt, f"{name}.weight")
+    if key is None:
+        parent, _, child = name.rpartition(".")
+        pkey = checkpoint_key(model, ckpt, f"{parent}.weight")
+        assert pkey is not None and parent in qweights, name
+        key = f"{pkey[: -len('weight')]}{child}.weight"
+    return key
 
 
 def checkpoint_key_prefix(model: nn.Module, ckpt: Checkpoint, module_name: str) -> str:

@@ -103,7 +103,8 @@ def write_metadata(writer: ArtifactWriter, skel: nn.Module, src: ModelSource, la
     config = src.config
     config.setdefault("architectures", [type(skel).__name__])  # a GGUF conversion writes none; vLLM picks its
     # model class by it
-    config["quantization_config"] = ct_quantization_config(layers, [n for n in linears if n not in layers])
+    tied = {v["tied_to"] for v in layers.values() if "tied_to" in v}  # a tied lm_head reads a quantized embedding
+    config["quantization_config"] = ct_quantization_config(layers, [n for n in linears if n not in layers and n not in tied])
     if dtype is not None:
         config["dtype"] = dtype  # what transformers' from_pretrained(dtype="auto"), its default, loads it in
         if "torch_dtype" in config:  # the name before transformers 4.56 (5.x reads `dtype` first)
@@ -137,7 +138,9 @@ def _ct_version() -> str | None:
 
 def ct_quantization_config(layers: dict[str, dict], unquantized_linears: list[str]) -> dict:
     """compressed-tensors `quantization_config`: one config group per (bits, group size, symmetry), each
-    with explicit module-name targets, so mixed settings per layer load in transformers and vLLM.
+    with explicit module-name targets, so mixed settings per layer load in transformers and vLLM. A quantized input
+    embedding's tied lm_head (`tied_to` in its entry) is a target of the same group, with no tensors of its own: the
+    layout llm-compressor writes for a tied pair quantized alike (one table, tie_word_embeddings kept).
 
     Layers pruned but not quantized (`format` "sparse-bitmask" in `layers`) are in no config group; they go into
     a `sparsity_config` (compressed-tensors' BitmaskConfig, as releases with a sparse-bitmask compressor wrote it:
@@ -152,7 +155,8 @@ def ct_quantization_config(layers: dict[str, dict], unquantized_linears: list[st
     quantized = {n: v for n, v in layers.items() if n not in sparse and n not in factored}
     groups: dict[tuple, list[str]] = {}
     for name, info in sorted(quantized.items()):
-        groups.setdefault((info["bits"], info["group_size"], info["symmetric"]), []).append(name)
+        names = groups.setdefault((info["bits"], info["group_size"], info["symmetric"]), [])
+        names += [name, info["tied_to"]] if "tied_to" in info else [name]
     config_groups = {}
     for i, ((bits, g, sym), names) in enumerate(sorted(groups.items())):
         strategy = dict(strategy="channel") if g == -1 else dict(strategy="group", group_size=g)

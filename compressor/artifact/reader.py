@@ -15,10 +15,9 @@ from torch import nn
 from ..errors import BadInput, CompressorError
 from ..files import sha256_file
 from ..lowrank import LOWRANK
-from ..modules import LowRankLinear
-from ..models import (Checkpoint, ModelSource, checkpoint_key, is_causal_lm, load_dense, materialize, model_class,
-                      pick_device, read_json_object, resolve_model, skeleton)
-from ..modules import QuantLinear
+from ..models import (Checkpoint, ModelSource, checkpoint_key, embedding_scale, is_causal_lm, load_dense, materialize,
+                      model_class, pick_device, read_json_object, resolve_model, skeleton, tied_output_weight)
+from ..modules import LowRankLinear, QuantEmbedding, QuantLinear
 from ..quant import QWeight, pack_int32, qweight_from_tensors
 from ..targets import matches
 from ..sparse import SUFFIXES as SPARSE_SUFFIXES, SparseWeight
@@ -156,7 +155,8 @@ MASKED_QWEIGHT_TENSORS = (*QWeight.MASKED_SUFFIXES, "weight_scale", "weight_zero
 
 def load_compressed(src: ModelSource, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Quantized layers become QuantLinear (a pruned one with its dense codes rebuilt: the grid's zero at the pruned
-    weights); sparse-bitmask layers (sparsity_config) plain Linear with the dense weight rebuilt from the bitmask."""
+    weights), a quantized embedding QuantEmbedding (an lm_head tied to it a QuantLinear reading its buffers);
+    sparse-bitmask layers (sparsity_config) plain Linear with the dense weight rebuilt from the bitmask."""
     model = skeleton(src.path)
     ckpt = ExpandedCheckpoint(Checkpoint(src.path))
     layers = read_manifest(src.path).get("layers", {}) if (src.path / MANIFEST).is_file() else {}
@@ -171,9 +171,13 @@ def load_compressed(src: ModelSource, device: torch.device, dtype: torch.dtype) 
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child,
                     LowRankLinear(lin.in_features, lin.out_features, rank, lin.bias is not None))
-    linears = [(n, type(m).__name__) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [(n, type(m).__name__) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
     qc = src.config["quantization_config"]
     schemes = ct_layer_schemes(qc, linears)
+    tied = tied_output_weight(model)  # an lm_head stored nowhere, tied to the input embedding: a target only as
+    head = tied.removesuffix(".weight") if tied else None  # the quantized embedding it reads (handled below)
+    if head and not any(checkpoint_key(model, ckpt, f"{head}.{t}") for t in ("weight", "weight_packed")):
+        schemes.pop(head, None)
     for name in ct_sparse_layers(qc, linears):
         if name in schemes:  # quantized too: compressed-tensors compressed such a weight by quantization alone
             continue
@@ -183,14 +187,24 @@ def load_compressed(src: ModelSource, device: torch.device, dtype: torch.dtype) 
         base = key[: -len("compressed")]
         ckpt.derived[base + "weight"] = lambda base=base: SparseWeight.from_tensors(
             ckpt.layer(base, SPARSE_SUFFIXES)).weight
+    tied_head = None  # the lm_head tied to a quantized input embedding: it reads the embedding's buffers
     for name, (bits, g, sym) in schemes.items():
         lin = model.get_submodule(name)
         key = checkpoint_key(model, ckpt, f"{name}.weight_scale")
         if key is None:
             raise BadInput(f"{src.path}: no weight_scale for quantized layer {name}")
-        sparse_key = checkpoint_key(model, ckpt, f"{name}.weight_sparse_values")
-        nnz = 0 if sparse_key is None else ckpt.get(sparse_key).numel()
-        q = QuantLinear(lin.in_features, lin.out_features, bits, g, sym, lin.bias is not None, ckpt.get(key).dtype, nnz)
+        if isinstance(lin, nn.Embedding):
+            scale, rounded = embedding_scale(lin)
+            q = QuantEmbedding(lin.num_embeddings, lin.embedding_dim, bits, g, sym, ckpt.get(key).dtype, dtype, scale,
+                               rounded)
+            if head and lin is model.get_input_embeddings() and checkpoint_key(model, ckpt, tied) is None:
+                tied_head = (head, q, QuantLinear(lin.embedding_dim, lin.num_embeddings, bits, g, sym,
+                                                  model.get_submodule(head).bias is not None, q.weight_scale.dtype))
+        else:
+            sparse_key = checkpoint_key(model, ckpt, f"{name}.weight_sparse_values")
+            nnz = 0 if sparse_key is None else ckpt.get(sparse_key).numel()
+            q = QuantLinear(lin.in_features, lin.out_features, bits, g, sym, lin.bias is not None, ckpt.get(key).dtype,
+                            nnz)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
         mask_key = checkpoint_key(model, ckpt.ckpt, f"{name}.weight_bitmask")
@@ -204,8 +218,15 @@ def load_compressed(src: ModelSource, device: torch.device, dtype: torch.dtype) 
     for name, (bits, g, sym) in schemes.items():
         check_layer_tensors(model, ckpt, name, f"{bits}-bit {'per-channel' if g == -1 else f'group {g}'} "
                             f"{'symmetric' if sym else 'asymmetric'} in config.json", src.path)
+    if tied_head is not None:  # before the load: a tied lm_head's own weight is not stored
+        head_name, emb, head = tied_head
+        parent, _, child = head_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, head)
     materialize(model, "", ckpt, device, dtype)
-    return model.to(device)
+    model = model.to(device)
+    if tied_head is not None:
+        head.share_buffers(emb)  # after the move: one copy on the device
+    return model
 
 
 def check_layer_tensors(model: nn.Module, ckpt: ExpandedCheckpoint, name: str, what: str, path: Path) -> None:
@@ -325,7 +346,8 @@ def transformers_check(path: Path, info: dict[str, Any], ids: torch.Tensor, ours
     """verify's `transformers` row: the artifact opened by transformers' own loader gives, on the same prompt, our
     loader's logits (encoders: last hidden states) to TRANSFORMERS_RTOL of their largest magnitude, with no weight
     left missing. compressed-tensors dequantizes at load when a layer is asymmetric (transformers cannot run those
-    packed); artifacts with our extensions fail it (transformers does not know them)."""
+    packed) or an embedding is quantized (transformers 5.25's packed load initialises an nn.Embedding's `weight`,
+    which a packed one no longer has); artifacts with our extensions fail it (transformers does not know them)."""
     from transformers import AutoConfig, CompressedTensorsConfig
 
     if info.get("extensions"):
@@ -333,14 +355,23 @@ def transformers_check(path: Path, info: dict[str, Any], ids: torch.Tensor, ours
                 "detail": f"uses our extensions ({', '.join(info['extensions'])}), which transformers does not open"}
     qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
     asym = any((g.get("weights") or {}).get("symmetric") is False for g in (qc.get("config_groups") or {}).values())
-    kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if asym else {}
+    modules = dict(skeleton(path).named_modules())
+    emb = any(isinstance(modules.get(n), nn.Embedding) for n in info.get("layers") or {})
+    dequantize = asym or emb
+    kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
+    groups = len(qc.get("config_groups") or {})
+    mixed = ("" if not dequantize or groups < 2 else
+             "; transformers 5 dequantizes every dense layer with one config group's scheme (integrations/"
+             f"compressed_tensors.get_dense_scheme), and this artifact has {groups}: it opens there only when all "
+             "its quantized layers share one scheme")
     try:
         cls = model_class(AutoConfig.from_pretrained(path, trust_remote_code=False))
         model, loading = cls.from_pretrained(path, dtype=torch.float32, trust_remote_code=False,
                                              output_loading_info=True, **kwargs)
     except Exception as e:  # any failure of transformers' loader is this check failing, not verify crashing
         return {"check": "transformers", "ok": False,
-                "detail": f"transformers cannot load it: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
+                "detail": f"transformers cannot load it: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+                          + mixed}
     missing = sorted({*loading.get("missing_keys", []), *(k for k, *_ in loading.get("mismatched_keys", []))})
     if missing:
         return {"check": "transformers", "ok": False,
@@ -351,7 +382,9 @@ def transformers_check(path: Path, info: dict[str, Any], ids: torch.Tensor, ours
     theirs = o.logits if is_causal_lm(model) else o.last_hidden_state
     diff = float((theirs.float() - ours.float()).abs().max())
     bound = TRANSFORMERS_RTOL * float(ours.float().abs().max())
-    how = "dequantized at load" if asym else "packed"
-    return {"check": "transformers", "ok": diff <= bound, "value": diff, "bound": bound,
-            "detail": f"{how}: max abs difference to our loader {diff:.3g} {'<=' if diff <= bound else '>'} {bound:.3g} "
-                      f"({TRANSFORMERS_RTOL:g} of the largest)"}
+    how = "dequantized at load" if dequantize else "packed"
+    detail = (f"{how}: max abs difference to our loader {diff:.3g} {'<=' if diff <= bound else '>'} {bound:.3g} "
+              f"({TRANSFORMERS_RTOL:g} of the largest)")
+    if diff > bound:
+        detail += mixed
+    return {"check": "transformers", "ok": diff <= bound, "value": diff, "bound": bound, "detail": detail}
