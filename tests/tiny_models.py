@@ -94,7 +94,8 @@ def fake_quantized_reference(src: Path, artifact: Path) -> torch.nn.Module:
         keys = set(h.keys())
         for key in sorted(k for k in keys if k.endswith(".weight_packed")):
             base = key[: -len(".weight_packed")]
-            name = apply_renamings(base, renamings) if renamings else base
+            name = apply_renamings(f"{base}.weight", renamings)[: -len(".weight")] if renamings else base  # the
+            # patterns name whole keys (gpt-neox: ^embed_out\. -> lm_head.)
             entry = layers.get(name) or layers.get(f"{prefix}.{name}")
             assert entry is not None, f"{name}: no compression.json entry"
             zp = h.get_tensor(f"{base}.weight_zero_point") if f"{base}.weight_zero_point" in keys else None
