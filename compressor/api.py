@@ -2,8 +2,11 @@
 (evaluate() is evaluate.py's). The CLI is a thin layer over these; the artifact format is artifact/'s."""
 from __future__ import annotations
 
+import json
+import os
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -13,13 +16,16 @@ from torch import nn
 
 from .artifact.manifest import MANIFEST, layer_entry, source_record, write_metadata
 from .artifact.reader import VERIFY_PROMPT, describe, load_model, manifest_check, recorded_base, transformers_check
-from .artifact.writer import ArtifactWriter, check_output
+from . import dist, safejson
+from .artifact.writer import ArtifactWriter, check_output, clean_stale
 from .data import DEFAULT_CORPUS
-from .errors import BadInput
+from .errors import BadInput, CompressorError, sigterm_as_interrupt
 from .evaluate import evaluate
-from .models import DTYPES, Checkpoint, ModelSource, checkpoint_key, find_blocks, is_causal_lm, load_tokenizer, skeleton, storage_dtype
+from .models import (DTYPES, Checkpoint, ModelSource, checkpoint_key, find_blocks, is_causal_lm, load_tokenizer,
+                     resolve_model, skeleton, storage_dtype)
 from .blocks import Context
-from .runner import BlockResult, block_tensors, checkpoint_key_prefix, prepare, run_blocks
+from .recipe import load_recipe
+from .runner import BlockResult, block_tensors, check_world, checkpoint_key_prefix, prepare, run_blocks
 
 
 def compress(
@@ -37,18 +43,37 @@ def compress(
     dtype: str = "auto",
     log: Callable[[str], None] = lambda msg: None,
     on_block: Callable[[int, int, str, BlockResult], None] | None = None,
-) -> dict[str, Any]:
+    workers: int = 1,
+) -> dict[str, Any] | None:
     """Compress `model` with `recipe` into the artifact directory `out`; returns the run's summary. `dtype` is the
     storage dtype of the tensors no pass compresses (embeddings, norms, biases, ignored layers): auto (the source
-    model's own, models.storage_dtype), float32, float16 or bfloat16; the passes compute in float32 regardless."""
+    model's own, models.storage_dtype), float32, float16 or bfloat16; the passes compute in float32 regardless.
+
+    On several ranks (torchrun, or `workers` > 1: that many local ranks spawned here, dist.py) each rank calibrates on
+    its shard of the windows and rank 0 writes the artifact; its summary, with every rank's peak memory, is the
+    result (None on the other ranks' return)."""
     t0 = time.perf_counter()
     out = Path(out)
     if dtype != "auto" and dtype not in DTYPES:
         raise BadInput(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
+    w = dist.world()
     local = Path(model).expanduser()  # a model path: the output may not be it or hold it (before any conversion)
-    check_output(out, force, local if model != "demo" and local.exists() else None)
+    check_output(out, force, local if model != "demo" and local.exists() else None, clean=w.main)
+    if workers > 1 and w.size == 1:
+        return _spawn_compress(workers, dict(
+            model=model, recipe=recipe, out=out, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
+            device=device, force=force, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, dtype=dtype),
+            log)
+    if workers < 1:
+        raise BadInput(f"--workers {workers}: expected 1 or more")
     rec, dev, src, windows, cal_info = prepare(model, recipe, calib, samples, seq_len, seed, device, log,
                                                 allow_pickle, trust_remote_code)
+    if not w.main:  # the same blocks on this rank's shard; rank 0 writes
+        ctx = Context(device=dev, seed=rec.calibration.seed)
+        skel = skeleton(src.path, trust_remote_code)
+        run_blocks(skel, Checkpoint(src.path), rec, windows, ctx, lambda i, prefix, res: None)
+        dist.gather(peak_memory(dev))
+        return None
     dtype = storage_dtype(src) if dtype == "auto" else dtype
     log(f"storage dtype of the tensors no pass compresses: {dtype}")
     cal = rec.calibration
@@ -76,6 +101,7 @@ def compress(
         }, dtype)
         writer.commit()
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    ranks = dist.gather(peak_memory(dev))
     return {
         "artifact": str(out),
         "bits_per_weight": manifest["bits_per_weight"],
@@ -89,8 +115,48 @@ def compress(
         "mean_block_output_rel_mse": _mean(list(block_errs.values())),
         "calibration": {k: cal_info[k] for k in ("source", "samples", "seq_len", "seed", "bos")},
         "warnings": ctx.warnings,
-        **peak_memory(dev),
+        **ranks[0],
+        **({"world_size": w.size, "ranks": ranks} if w.size > 1 else {}),
     }
+
+
+def _spawn_compress(workers: int, kwargs: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """compress(**kwargs) on `workers` local ranks (dist.spawn, gloo): the recipe is checked here first, so a bad
+    one exits 2 before any rank starts; rank 0's summary comes back through a file. A rank that fails ends them all:
+    its exit code (2 for bad input, else 1) is the run's, and what a killed rank 0 left behind is removed."""
+    rec = load_recipe(kwargs["recipe"]).with_calibration(samples=kwargs["samples"], seq_len=kwargs["seq_len"],
+                                                         seed=kwargs["seed"])
+    check_world(rec, workers)
+    resolve_model(kwargs["model"], kwargs["allow_pickle"], kwargs["trust_remote_code"])  # a conversion, done once
+    log(f"spawning {workers} ranks (gloo, {max(1, (os.cpu_count() or 1) // workers)} threads each)")
+    with tempfile.TemporaryDirectory(prefix="compressor-ranks-") as tmp:
+        result = Path(tmp) / "summary.json"
+        try:
+            dist.spawn(workers, _compress_rank, (kwargs, str(result)))
+        except Exception as e:  # a rank failed: the others were ended
+            clean_stale(Path(kwargs["out"]))
+            code = getattr(e, "exit_code", None)
+            what = f"exit code {code}" if isinstance(code, int) and code > 0 else str(e).strip().splitlines()[0]
+            err = BadInput if code == 2 else CompressorError
+            raise err(f"a rank failed ({what}), so every rank was stopped and nothing was written") from None
+        return json.loads(result.read_text())
+
+
+def _compress_rank(kwargs: dict[str, Any], result: str) -> None:
+    """One spawned rank: join the group, compress, rank 0 writes its summary to `result`. Our errors exit with their
+    code after printing the message (with the rank); SIGTERM (the others ending it) cleans up as Ctrl-C does."""
+    sigterm_as_interrupt()
+    w = dist.init(kwargs["device"])
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if w.main else (lambda m: None)
+    try:
+        summary = compress(**kwargs, log=log)
+    except CompressorError as e:
+        print(f"error (rank {w.rank}): {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    finally:
+        dist.close()
+    if w.main:
+        Path(result).write_text(safejson.dumps(summary))
 
 
 def add_block(writer: ArtifactWriter, skel: nn.Module, ckpt: Checkpoint, prefix: str, res: BlockResult,

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from . import dist
 from .data import check_window_request
 from .errors import BadInput
 from .models import Checkpoint, find_blocks, materialize, release
@@ -110,7 +111,15 @@ class BlockIO:
         finally:
             for h in handles:
                 h.remove()
+        for n in names:  # on several ranks: the sums over every rank's windows (dist.py), the same on each
+            dist.all_reduce_sum(acc[n])
+        for n, seen in zip(names, dist.sum_ints([self.tokens_seen[n] for n in names])):
+            self.tokens_seen[n] = seen
         return acc
+
+    def tokens(self) -> int:
+        """Calibration tokens of this block's inputs, over every rank."""
+        return dist.sum_ints([sum(x.shape[0] * x.shape[1] for x in self.inputs)])[0]
 
     @torch.no_grad()
     def sibling_groups(self, block: nn.Module) -> list[list[str]]:
@@ -153,9 +162,11 @@ def run_on_block_device(block: nn.Module, x: Tensor, kw: dict[str, Any]) -> Any:
 
 
 def rel_sq_err(ys: list[Tensor], ts: list[Tensor]) -> float:
-    """sum (y - t)^2 / sum t^2 over batches of block outputs (in float32)."""
+    """sum (y - t)^2 / sum t^2 over batches of block outputs (in float32), and over every rank's."""
     num = sum(float((y.float() - t.float()).pow(2).sum()) for y, t in zip(ys, ts))
     den = sum(float(t.float().pow(2).sum()) for t in ts)
+    if dist.world().size > 1:
+        num, den = dist.all_reduce_sum(torch.tensor([num, den], dtype=torch.float64, device=dist.collective_device())).tolist()
     return num / max(den, 1e-30)
 
 
@@ -353,4 +364,4 @@ def stream_fp_layers(model: nn.Module, ckpt: Checkpoint, windows: Tensor, ctx: C
             for h in handles:
                 h.remove()
         for name, lin in layers.items():
-            yield name, lin, acc[name]
+            yield name, lin, dist.all_reduce_sum(acc[name])

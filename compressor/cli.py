@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
 import sys
 import warnings
 from contextlib import contextmanager
@@ -17,12 +16,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
-from . import safejson
+from . import dist, safejson
 from .analysis import sensitivity, utilization, utilization_plot
 from .api import compress, verify
 from .artifact.reader import describe
 from .data import DataWarning
-from .errors import BadInput, CompressorError
+from .errors import BadInput, CompressorError, sigterm_as_interrupt
 from .evaluate import evaluate
 from .files import tmp_sibling, write_atomic, write_json_atomic
 from .generate import generate
@@ -147,11 +146,14 @@ def model_cmd(
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     dtype: str = typer.Option("auto", "--dtype", help="storage dtype of the tensors no pass compresses (embeddings, "
                               "norms, biases): auto (the source model's own), float32, float16, bfloat16"),
+    workers: int = typer.Option(1, "--workers", help="local processes to calibrate on (gloo), each on its share of "
+                                "the windows; under torchrun its ranks are the workers", min=1),
     as_json: bool = JSON,
     quiet: bool = QUIET,
 ) -> None:
     """Compress MODEL with a recipe into a compressed-tensors artifact."""
-    with _command(quiet, as_json) as emit:
+    w = dist.init(device)  # under torchrun: join its group; rank 0 alone reports
+    with _command(quiet or not w.main, as_json and w.main) as emit:
         progress = _progress()
         task = None
         report = block_reporter()  # a sweep's pipe, when a sweep started this run
@@ -170,8 +172,9 @@ def model_cmd(
         with progress:
             summary = compress(model, recipe, out, calib, samples, seq_len, seed, device, force, allow_pickle,
                                trust_remote_code, dtype, log=lambda m: err.print(m, highlight=False),
-                               on_block=on_block)
-        if not emit(summary):
+                               on_block=on_block, workers=workers)
+        dist.close()
+        if summary is not None and not emit(summary):
             _table(summary, f"wrote {out}")
 
 
@@ -472,12 +475,8 @@ def utilization_cmd(
         err.print(t)
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # a cancelled CI job (SIGTERM) cleans up like Ctrl-C: no half-written output
-
-
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminate)
+    sigterm_as_interrupt()
     app()
 
 

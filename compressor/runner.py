@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from . import dist
 from .blocks import BlockIO, Context, check_calibration, rel_sq_err, stream_blocks
 from .data import load_windows
 from .errors import BadInput
@@ -40,11 +41,27 @@ def prepare(model: str, recipe: str | Path, calib, samples, seq_len, seed, devic
     find_blocks(skeleton(src.path, trust_remote_code))  # an unsupported kind of model is refused before any work
     check_calibration(rec.calibration.samples, rec.calibration.seq_len, src.config, dev)
     cal = rec.calibration
+    check_world(rec)
     windows, cal_info = load_windows(load_tokenizer(src.path, trust_remote_code), calib, cal.samples, cal.seq_len,
                                      cal.seed)
     log(f"calibration: {cal_info['source']}: {cal.samples} windows of {cal.seq_len} tokens, seed {cal.seed}")
     torch.manual_seed(cal.seed)
-    return rec, dev, src, windows, cal_info
+    return rec, dev, src, dist.shard(windows), cal_info
+
+
+def check_world(rec: Recipe, size: int | None = None) -> None:
+    """On more than one rank (`size`, default this process's world), every pass of the recipe must run there
+    (PassInfo.distributed) and every rank needs a calibration window: a BadInput on every rank before any work."""
+    size = size or dist.world().size
+    if size == 1:
+        return
+    single = sorted({spec.name for spec in rec.passes if not get_pass(spec.name).distributed})
+    if single:
+        able = ", ".join(sorted(n for n, p in PASSES.items() if p.distributed))
+        raise BadInput(f"pass {', '.join(single)} does not run on more than one process yet (those that do: {able}); "
+                       "run it with one process")
+    if rec.calibration.samples < size:
+        raise BadInput(f"{rec.calibration.samples} calibration windows for {size} processes: each needs one at least")
 
 
 def _first_windows(batches: list[Tensor], n: int) -> list[Tensor]:

@@ -28,13 +28,14 @@ from ..files import safetensors_header
 SHARD_BYTES = 5 * 1024**3
 
 
-def check_output(out: Path, force: bool, source: Path | None = None) -> None:
+def check_output(out: Path, force: bool, source: Path | None = None, clean: bool = True) -> None:
     """Refuse, before any work, an output that this run must not write: `.`, `/`, the home directory or an
     ancestor of the current directory; the source model (`source`, a directory or file) or a directory holding
     it; a directory whose parent cannot be made or written; an existing output without --force, or with it
     anything but one of our artifacts (compression.json by "tool": "compressor") or an empty directory.
     Symlinks are resolved. Temporary siblings a killed run left behind (`.NAME.tmp-PID`, `.NAME.old-PID` of a
-    PID no longer running) are removed first (an orphaned `.old` is put back when the output is gone)."""
+    PID no longer running) are removed first (an orphaned `.old` is put back when the output is gone), unless
+    `clean` is False (a rank that does not write: on another node, rank 0's PID is not one of its own)."""
     out = Path(out)
     real, cwd = out.resolve(), Path.cwd().resolve()
     if real == Path(real.anchor) or real == Path.home().resolve() or real == cwd or real in cwd.parents:
@@ -48,7 +49,8 @@ def check_output(out: Path, force: bool, source: Path | None = None) -> None:
         if real in src.parents:
             raise BadInput(f"--out {out} contains the source model {source}")
     _check_parent_writable(out)
-    clean_stale(out)
+    if clean:
+        clean_stale(out)
     if os.path.lexists(out) and not force:
         raise BadInput(f"output {out} already exists; pass --force to replace it")
     if os.path.lexists(out) and (out.is_symlink() or not out.is_dir()):

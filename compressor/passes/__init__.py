@@ -102,6 +102,8 @@ class PassInfo:
     outside: bool = False  # True: the block stage needs nothing but each layer's weight (no block, no forward), so
     # the runner may also give it the weight matrices outside the blocks a recipe names: the input embedding and
     # lm_head (as Linears: an embedding of V rows of width D is a D -> V Linear's weight)
+    distributed: bool = False  # True: the pass runs on several ranks (dist.py), each on its shard of the windows, and
+    # reduces what it sums over them, so every rank ends with the same weights; the others are refused there
 
 
 PASSES: dict[str, PassInfo] = {}
@@ -110,15 +112,17 @@ PASSES: dict[str, PassInfo] = {}
 def register_pass(name: str, config: type[PassConfig], *, reads: Reads | Callable[[Any], Reads] = "inputs",
                   masks: MaskRole | Callable[[Any], MaskRole] = None, factors: bool = False,
                   plan: Callable[[PlanInput], dict[str, dict[str, Any]]] | None = None,
-                  finish: Callable[[FinishInput], None] | None = None, outside: bool = False):
+                  finish: Callable[[FinishInput], None] | None = None, outside: bool = False,
+                  distributed: bool = False):
     """Decorator: register the block stage `fn` under `name`. `reads` and `masks`: a value, or a function of the
-    pass's config; `outside`: see PassInfo. A second registration of a name is an error."""
+    pass's config; `outside`, `distributed`: see PassInfo. A second registration of a name is an error."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in PASSES:
             raise ValueError(f"pass {name!r} is already registered (by {PASSES[name].fn.__module__})")
         PASSES[name] = PassInfo(config, fn, reads if callable(reads) else lambda cfg: reads,
-                                masks if callable(masks) else lambda cfg: masks, factors, plan, finish, outside)
+                                masks if callable(masks) else lambda cfg: masks, factors, plan, finish, outside,
+                                distributed)
         return fn
 
     return wrap

@@ -90,7 +90,7 @@ class AdaRoundWeight(LearnedWeight):
         return self._qweight(torch.clamp(self.floor + (self.v >= 0).float() + self.z, self.qmin, self.qmax), self.scale)
 
 
-@register_pass("adaround", AdaRoundConfig, reads="targets")
+@register_pass("adaround", AdaRoundConfig, reads="targets", distributed=True)
 def adaround(block: nn.Module, io: BlockIO, cfg: AdaRoundConfig, ctx: Context,
              exact: dict[str, Tensor] | None = None) -> dict[str, QWeight]:
     """AdaRound: learned up/down rounding on a fixed grid, by block-output reconstruction."""

@@ -67,7 +67,7 @@ class FlexRoundWeight(LearnedWeight):
         return self._qweight(self._codes(torch.round).reshape(self.w.shape), self.log_s1.exp().to(self.scale_dtype))
 
 
-@register_pass("flexround", FlexRoundConfig, reads="targets")
+@register_pass("flexround", FlexRoundConfig, reads="targets", distributed=True)
 def flexround(block: nn.Module, io: BlockIO, cfg: FlexRoundConfig, ctx: Context,
               exact: dict[str, Tensor] | None = None) -> dict[str, QWeight]:
     """FlexRound: learned element-wise division before rounding, by block-output reconstruction."""

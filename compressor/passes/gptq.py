@@ -16,6 +16,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from .. import dist
 from ..algorithms.gptq import gptq_quantize
 from ..blocks import BlockIO, Context
 from ..quant import QWeight
@@ -33,7 +34,7 @@ class GPTQConfig(QuantConfig):
                                "against the Hessian (least squares; a row keeps its scales unless its error drops)")
 
 
-@register_pass("gptq", GPTQConfig, masks="keeps")
+@register_pass("gptq", GPTQConfig, masks="keeps", distributed=True)
 def gptq(block: nn.Module, io: BlockIO, cfg: GPTQConfig, ctx: Context,
          exact: dict[str, Tensor] | None = None) -> dict[str, QWeight]:
     """GPTQ with Hessians from the block's inputs, damping, act-order and group-wise scales. `exact`: per
@@ -41,19 +42,25 @@ def gptq(block: nn.Module, io: BlockIO, cfg: GPTQConfig, ctx: Context,
     quantized on their fixed masks, the pruned weights ending at exactly 0."""
     out: dict[str, QWeight] = {}
     groups = io.sibling_groups(block) if cfg.true_sequential else [list(io.layers)]
-    total = sum(x.shape[0] * x.shape[1] for x in io.inputs)  # calibration tokens
+    total = io.tokens()  # calibration tokens (over every rank)
     for names in groups:
-        hessians = io.input_second_moments(block, names)
-        for name in names:
+        hessians = io.input_second_moments(block, names)  # summed over every rank's windows
+        # on several ranks each layer is solved by one of them, chosen by its cost, and broadcast from there
+        owner = dist.owners([io.layers[n].in_features ** 2 * (io.layers[n].in_features + io.layers[n].out_features)
+                             for n in names])
+        for name, rank in zip(names, owner):
             lin = io.layers[name]
-            g = layer_group_size(name, lin.in_features, cfg, ctx)
+            g = layer_group_size(name, lin.in_features, cfg, ctx)  # (its warning on every rank)
             h, seen, calibration = hessians[name], io.tokens_seen[name], None
+            if seen < cfg.min_tokens:
+                ctx.warn_once(f"gptq: layers that saw fewer than {cfg.min_tokens} calibration tokens (rarely routed "
+                              "experts) are rounded to nearest; compression.json lists them", key="gptq-min-tokens")
+            if rank != dist.world().rank:
+                continue
             if seen < cfg.min_tokens:
                 h = torch.eye(lin.in_features, device=h.device)
                 calibration = {"tokens": seen, "fallback": "rtn",
                                "reason": f"{seen} calibration tokens < min_tokens {cfg.min_tokens}"}
-                ctx.warn_once(f"gptq: layers that saw fewer than {cfg.min_tokens} calibration tokens (rarely routed "
-                              "experts) are rounded to nearest; compression.json lists them", key="gptq-min-tokens")
             elif seen < total:
                 calibration = {"tokens": seen}
             qw = gptq_quantize(
@@ -67,5 +74,8 @@ def gptq(block: nn.Module, io: BlockIO, cfg: GPTQConfig, ctx: Context,
             qw.requested_group_size = cfg.group_size
             qw.calibration = calibration
             out[name] = qw
-            lin.weight.data = qw.dequantize(lin.weight.dtype)  # later groups see this layer quantized
+        for name, rank in zip(names, owner):
+            lin = io.layers[name]
+            out[name] = dist.broadcast(out.get(name), rank, lin.weight.device)
+            lin.weight.data = out[name].dequantize(lin.weight.dtype)  # later groups see this layer quantized
     return out

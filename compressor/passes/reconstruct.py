@@ -22,6 +22,7 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .. import dist
 from ..blocks import BlockIO, Context, hidden, rel_sq_err, slice_kwargs, to_device
 from ..quant import QWeight, SparseResidual, expand_groups, find_qparams, masked_zero, qrange
 from . import QuantConfig, layer_group_size
@@ -158,10 +159,15 @@ def reconstruct(
     # fused: one kernel over all the parameters instead of a dozen elementwise passes each (CPU and CUDA)
     opt = torch.optim.Adam(params, lr=lr, fused=all(p.device.type in ("cpu", "cuda") for p in params))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, iters, 1.0, 0.0)) if lr_decay else None
-    gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + zlib.crc32(io.prefix.encode()))
+    # several ranks (dist.py) train as DDP does: each draws its share of the step's windows from its own shard with
+    # its own seeded generator, the loss is the relative error over the whole step's windows (the denominator summed
+    # over ranks), the gradients are summed over ranks before every step, so every rank takes the same step
+    world = dist.world()
+    gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + zlib.crc32(io.prefix.encode()) + 7919 * world.rank)
     sizes = torch.tensor([x.shape[0] for x in io.inputs], dtype=torch.float)
     if batch_samples is None:
         batch_samples = max(1, -(-BATCH_TOKENS // io.inputs[0].shape[1]))
+    batch_samples = -(-batch_samples // world.size)  # this rank's share of a step's windows
     frozen = [(p, p.requires_grad) for p in block.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
@@ -171,20 +177,33 @@ def reconstruct(
             x, t, kw = _minibatch(io, sizes, batch_samples, gen, ctx.device)
             weights = {local[n]: q().to(dtypes[n]) for n, q in quantizers.items()}
             y = hidden(functional_call(block, weights, (x,), kw)).float()
-            loss = (y - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-30)
+            den = t.float().pow(2).sum()
+            if world.size > 1:
+                den = dist.all_reduce_sum(den.clone())
+            loss = (y - t.float()).pow(2).sum() / den.clamp_min(1e-30)
             reg = None if regularizer is None else regularizer(step)
             if reg is not None:
-                loss = loss + reg
+                loss = loss + reg / world.size  # each rank's share: the sum over ranks is the regularizer once
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if world.size > 1:
+                _sum_grads(params)
             opt.step()
             if sched is not None:
                 sched.step()
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
-    out = _hard(quantizers)
+    out = dist.broadcast(_hard(quantizers), 0)  # identical on every rank already; rank 0's, to be sure
     return out, {"before": before, "after": _hard_error(block, io, out, local, dtypes, ctx.device)}
+
+
+def _sum_grads(params: list[Tensor]) -> None:
+    """Every parameter's gradient summed over the ranks, in one collective."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = dist.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
 
 
 def _hard(quantizers: dict[str, LearnedWeight]) -> dict[str, QWeight]:

@@ -13,7 +13,8 @@ class RTNConfig(QuantConfig):
     pass
 
 
-@register_pass("rtn", RTNConfig, reads="weights", masks="keeps", outside=True)
+@register_pass("rtn", RTNConfig, reads="weights", masks="keeps", outside=True,
+              distributed=True)
 def rtn(block: nn.Module, io: BlockIO, cfg: RTNConfig, ctx: Context,
         exact: dict[str, Tensor] | None = None) -> dict[str, QWeight]:
     """Round-to-nearest, no calibration data needed (the baseline). `exact`: per layer, weights a sparse
