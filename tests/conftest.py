@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -37,10 +42,84 @@ def pytest_collection_modifyitems(config, items):
                                                any(f in getattr(item, "fixturenames", ()) for f in SHARED_FIXTURES)))
 
 
+VOLATILE = ("PYTEST_CURRENT_TEST",)  # pytest changes it for every test; nothing reads it at import
+
+
+class _Zygote:
+    """The client of tests/cli_zygote.py: a server process started once (lazily, in the environment of the first
+    call) that forks a child per CLI run instead of paying torch's and transformers' imports in every one."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.env: dict | None = None
+        self.lock = threading.Lock()
+        self.broken = os.environ.get("COMPRESSOR_TEST_NO_ZYGOTE") == "1"  # set to run every CLI call as before
+
+    def _start(self, env: dict) -> bool:
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "cli_zygote.py")], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
+        self.env, self.buf = {k: v for k, v in env.items() if k not in VOLATILE}, b""
+        return self._read(120) == {"ready": True}
+
+    def _read(self, timeout: float) -> dict | None:
+        """The server's next reply line, or None after `timeout` seconds or at its end."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+                return None
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                return None
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def run(self, argv: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess | None:
+        """The run's result, or None where it has to be a plain subprocess (another environment, busy, broken)."""
+        if self.broken or not self.lock.acquire(blocking=False):
+            return None
+        try:
+            same = {k: v for k, v in env.items() if k not in VOLATILE}
+            if self.proc is None:
+                if same != {k: v for k, v in os.environ.items() if k not in VOLATILE}:
+                    return None  # started in the tests' own environment, not a call's variant of it
+                if not self._start(env):
+                    self.broken = True
+                    return None
+            if same != self.env or self.proc.poll() is not None:
+                return None  # another environment: what torch, transformers or compressor read at import may differ
+            with tempfile.TemporaryDirectory(prefix="cli-") as d:
+                out, err = Path(d) / "out", Path(d) / "err"
+                self.proc.stdin.write((json.dumps({"argv": argv, "env": env, "out": str(out), "err": str(err)}) + "\n").encode())
+                self.proc.stdin.flush()
+                started = self._read(60)
+                if not started:
+                    self.broken = True
+                    return None
+                done = self._read(timeout)
+                if done is None:  # as subprocess.run: kill the run, then raise
+                    os.kill(started["pid"], signal.SIGKILL)
+                    self._read(60)
+                    raise subprocess.TimeoutExpired([sys.executable, "-m", "compressor.cli", *argv], timeout)
+                return subprocess.CompletedProcess([sys.executable, "-m", "compressor.cli", *argv], done["status"],
+                                                   out.read_text(), err.read_text())
+        finally:
+            self.lock.release()
+
+
+_ZYGOTE = _Zygote()
+
+
 def run_cli(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`compress ARGS...` in a subprocess: (returncode, stdout, stderr)."""
+    """`compress ARGS...` in its own process, started in the checkout: (returncode, stdout, stderr). A child forked
+    from the zygote (tests/cli_zygote.py) when the environment is the zygote's, else a fresh `python -m`."""
+    full = {**os.environ, **(env or {})}
+    r = _ZYGOTE.run(list(args), full, timeout)
+    if r is not None:
+        return r
     return subprocess.run([sys.executable, "-m", "compressor.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)
+                          timeout=timeout, env=full, cwd=ROOT)
 
 
 @pytest.fixture(scope="session")
