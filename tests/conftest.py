@@ -72,6 +72,7 @@ class _Zygote:
         # the tests' own environment, taken at import: a first call under monkeypatch.setenv must not become the
         # zygote's environment (every later call would differ from it and fall back)
         self.base = {k: v for k, v in os.environ.items() if k not in VOLATILE}
+        self.pending: dict | None = None
 
     def _start(self, env: dict) -> bool:
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "cli_zygote.py")], stdin=subprocess.PIPE,
@@ -106,7 +107,19 @@ class _Zygote:
                     self.broken = True
                     return None
             if same != self.env or self.proc.poll() is not None:
-                return None  # another environment: what torch, transformers or compressor read at import may differ
+                # another environment: what torch, transformers or compressor read at import may differ. This call
+                # runs as a fresh subprocess; a second call in the same one restarts the zygote in it (an in-process
+                # CLI test leaves TRANSFORMERS_VERBOSITY set in the worker for good: every later call has it)
+                if same == self.pending:
+                    self.proc.kill()
+                    self.proc.wait()
+                    if not self._start(env):
+                        self.broken = True
+                        return None
+                else:
+                    self.pending = same
+                    return None
+            self.pending = None
             with tempfile.TemporaryDirectory(prefix="cli-") as d:
                 out, err = Path(d) / "out", Path(d) / "err"
                 self.proc.stdin.write((json.dumps({"argv": argv, "env": env, "out": str(out), "err": str(err)}) + "\n").encode())
