@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -25,22 +30,127 @@ if WORKER:
 
 SHARED_FIXTURES = ("demo_w4_artifact",)  # built once across workers (shared_once): the others wait for it
 
+# `--dist loadfile` hands each worker whole files, in the order of the collection once xdist's own reordering (by
+# the number of tests in a file) is off: the longest files first, so that the short ones fill in at the end and
+# neither worker sits idle while the other finishes a long one (largest first; measured seconds on one core of 2,
+# `--durations=0`, with the CLI zygote). Files not named here follow in alphabetical order.
+LONGEST_FIRST = ("test_encoder.py", "test_evopress.py", "test_requant.py", "test_prune.py", "test_lowrank.py",
+                 "test_learned.py", "test_kernels.py", "test_sparse.py", "test_pipeline.py", "test_cli.py",
+                 "test_verify.py", "test_report.py", "test_eval_bos.py", "test_dtype.py", "test_architectures.py",
+                 "test_trust.py", "test_output_safety.py", "test_bad_input.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist >= 3.6: keep the order below
+        config.option.loadscopereorder = False
+
 
 def pytest_collection_modifyitems(config, items):
-    """Tests that need a shared fixture run last in their file, the file order and the order otherwise kept: under
-    xdist the worker that does not build it then waits only when it has nothing else left (the demo W4 artifact
-    takes minutes on one core, and the second worker to ask for it used to sit idle all that time)."""
-    files: dict[str, int] = {}
-    for item in items:
-        files.setdefault(str(item.path), len(files))
-    items[:] = sorted(items, key=lambda item: (files[str(item.path)],
+    """Files longest first (LONGEST_FIRST). Within a file, tests that need a shared fixture run last, the order
+    otherwise kept: under xdist the worker that does not build it then waits only when it has nothing else left
+    (the demo W4 artifact takes minutes on one core, and the second worker to ask for it used to sit idle all that
+    time)."""
+    names = sorted({item.path.name for item in items}, key=lambda n: (LONGEST_FIRST.index(n)
+                                                                      if n in LONGEST_FIRST else len(LONGEST_FIRST), n))
+    files = {n: i for i, n in enumerate(names)}
+    items[:] = sorted(items, key=lambda item: (files[item.path.name],
                                                any(f in getattr(item, "fixturenames", ()) for f in SHARED_FIXTURES)))
 
 
+VOLATILE = ("PYTEST_CURRENT_TEST",)  # pytest changes it for every test; nothing reads it at import
+
+
+class _Zygote:
+    """The client of tests/cli_zygote.py: a server process started once (lazily, in the environment of the first
+    call) that forks a child per CLI run instead of paying torch's and transformers' imports in every one."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.env: dict | None = None
+        self.lock = threading.Lock()
+        self.broken = os.environ.get("COMPRESSOR_TEST_NO_ZYGOTE") == "1"  # set to run every CLI call as before
+        # the tests' own environment, taken at import: a first call under monkeypatch.setenv must not become the
+        # zygote's environment (every later call would differ from it and fall back)
+        self.base = {k: v for k, v in os.environ.items() if k not in VOLATILE}
+        self.pending: dict | None = None
+
+    def _start(self, env: dict) -> bool:
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "cli_zygote.py")], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
+        self.env, self.buf = {k: v for k, v in env.items() if k not in VOLATILE}, b""
+        return self._read(120) == {"ready": True}
+
+    def _read(self, timeout: float) -> dict | None:
+        """The server's next reply line, or None after `timeout` seconds or at its end."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+                return None
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                return None
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def run(self, argv: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess | None:
+        """The run's result, or None where it has to be a plain subprocess (another environment, busy, broken)."""
+        if self.broken or not self.lock.acquire(blocking=False):
+            return None
+        try:
+            same = {k: v for k, v in env.items() if k not in VOLATILE}
+            if self.proc is None:
+                if same != self.base:
+                    return None  # started in the tests' own environment, not a call's variant of it
+                if not self._start(env):
+                    self.broken = True
+                    return None
+            if same != self.env or self.proc.poll() is not None:
+                # another environment: what torch, transformers or compressor read at import may differ. This call
+                # runs as a fresh subprocess; a second call in the same one restarts the zygote in it (an in-process
+                # CLI test leaves TRANSFORMERS_VERBOSITY set in the worker for good: every later call has it)
+                if same == self.pending:
+                    self.proc.kill()
+                    self.proc.wait()
+                    if not self._start(env):
+                        self.broken = True
+                        return None
+                else:
+                    self.pending = same
+                    return None
+            self.pending = None
+            with tempfile.TemporaryDirectory(prefix="cli-") as d:
+                out, err = Path(d) / "out", Path(d) / "err"
+                self.proc.stdin.write((json.dumps({"argv": argv, "env": env, "out": str(out), "err": str(err)}) + "\n").encode())
+                self.proc.stdin.flush()
+                started = self._read(60)
+                if not started:
+                    self.broken = True
+                    return None
+                done = self._read(timeout)
+                if done is None:  # as subprocess.run: kill the run, then raise
+                    os.kill(started["pid"], signal.SIGKILL)
+                    self._read(60)
+                    raise subprocess.TimeoutExpired([sys.executable, "-m", "compressor.cli", *argv], timeout)
+                return subprocess.CompletedProcess([sys.executable, "-m", "compressor.cli", *argv], done["status"],
+                                                   out.read_text(), err.read_text())
+        finally:
+            self.lock.release()
+
+
+_ZYGOTE = _Zygote()
+
+
 def run_cli(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`compress ARGS...` in a subprocess: (returncode, stdout, stderr)."""
+    """`compress ARGS...` in its own process, started in the checkout: (returncode, stdout, stderr). A child forked
+    from the zygote (tests/cli_zygote.py) when the environment is the zygote's, else a fresh `python -m`."""
+    full = {**os.environ, **(env or {})}
+    r = _ZYGOTE.run(list(args), full, timeout)
+    if r is not None:
+        return r
     return subprocess.run([sys.executable, "-m", "compressor.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)
+                          timeout=timeout, env=full, cwd=ROOT)
 
 
 @pytest.fixture(scope="session")
