@@ -34,10 +34,11 @@ SHARED_FIXTURES = ("demo_w4_artifact",)  # built once across workers (shared_onc
 # the number of tests in a file) is off: the longest files first, so that the short ones fill in at the end and
 # neither worker sits idle while the other finishes a long one (largest first; measured seconds on one core of 2,
 # `--durations=0`, with the CLI zygote). Files not named here follow in alphabetical order.
-LONGEST_FIRST = ("test_encoder.py", "test_evopress.py", "test_requant.py", "test_prune.py", "test_lowrank.py",
-                 "test_learned.py", "test_kernels.py", "test_sparse.py", "test_pipeline.py", "test_cli.py",
-                 "test_verify.py", "test_report.py", "test_eval_bos.py", "test_dtype.py", "test_architectures.py",
-                 "test_trust.py", "test_output_safety.py", "test_bad_input.py")
+LONGEST_FIRST = ("test_encoder.py", "test_evopress.py", "test_dist.py", "test_requant.py", "test_prune.py",
+                 "test_lowrank.py", "test_learned.py", "test_kernels.py", "test_sparse.py", "test_pipeline.py",
+                 "test_cli.py", "test_verify.py", "test_report.py", "test_eval_bos.py", "test_dtype.py",
+                 "test_head.py", "test_architectures.py", "test_trust.py", "test_output_safety.py",
+                 "test_bad_input.py")
 
 
 def pytest_configure(config):
