@@ -1,11 +1,11 @@
 """Data-parallel calibration (issue 26): the demo model (SmolLM2-135M, 30 blocks) compressed by one process and by
-two gloo ranks (`--workers 2`), one torch thread per rank, side by side, alternating per recipe: w4-rtn, w4-gptq and
-w4-flexround test-sized (--iters steps per block), on --samples windows of --seq-len tokens of the embedded corpus
+two gloo ranks (`--workers 2`), one torch thread per rank, side by side, alternating per recipe: w4-rtn (every
+block), and test-sized w4-gptq and w4-flexround (--iters steps per block) on the first --blocks blocks, on --samples windows of --seq-len tokens of the embedded corpus
 (seed 0). Per run: wall time, peak RSS per rank; per pair: whether every artifact file is byte-identical, the
 fraction of equal 4-bit codes, held-out perplexity of each (persuasion.txt, the first --eval-tokens tokens, windows
 of 512, no BOS as the tokenizer adds none) and its relative delta.
 
-    python bench/distributed.py [--samples 16] [--seq-len 256] [--iters 10] [--work /tmp/dist]
+    python bench/distributed.py [--samples 16] [--seq-len 256] [--iters 10] [--blocks 8] [--work /tmp/dist]
 
 Results: bench/results/distributed.{json,md}.
 """
@@ -62,15 +62,28 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--blocks", type=int, default=8, help="gptq and flexround compress the first this many blocks")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--work", type=Path, default=Path("/tmp/dist"))
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    fr = args.work / f"w4-flexround-{args.iters}.yaml"
-    text = (ROOT / "recipes" / "w4-flexround.yaml").read_text()
-    fr.write_text(text.replace("iters: 200", f"iters: {args.iters}"))
-    assert f"iters: {args.iters}" in fr.read_text()
-    recipes = {"w4-rtn": "w4-rtn", "w4-gptq": "w4-gptq", f"w4-flexround ({args.iters} steps)": str(fr)}
+    blocks = "|".join(str(i) for i in range(args.blocks))
+    targets = f"    targets: ['re:model\\.layers\\.({blocks})\\..*']\n"  # the first --blocks blocks
+
+    def sized(name: str, changes: dict[str, str]) -> Path:
+        text = (ROOT / "recipes" / f"{name}.yaml").read_text()
+        for a, b in changes.items():
+            assert a in text, (name, a)
+            text = text.replace(a, b)
+        p = args.work / f"{name}-{args.blocks}blocks.yaml"
+        p.write_text(text)
+        return p
+
+    gptq = sized("w4-gptq", {"  - pass: gptq\n": "  - pass: gptq\n" + targets})
+    fr = sized("w4-flexround", {"  - pass: flexround\n": "  - pass: flexround\n" + targets,
+                                "iters: 200": f"iters: {args.iters}"})
+    recipes = {"w4-rtn": "w4-rtn", f"w4-gptq ({args.blocks} blocks)": str(gptq),
+               f"w4-flexround ({args.blocks} blocks, {args.iters} steps)": str(fr)}
     rows = []
     for label, recipe in recipes.items():
         row = {"recipe": label}
@@ -89,13 +102,14 @@ def main() -> None:
                    speedup=round(row["w1"]["wall_s"] / row["w2"]["wall_s"], 3))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    setup = {"model": "demo (SmolLM2-135M-Instruct)", "samples": args.samples, "seq_len": args.seq_len, "seed": 0,
+    setup = {"model": "demo (SmolLM2-135M-Instruct)", "blocks": args.blocks, "iters": args.iters, "samples": args.samples, "seq_len": args.seq_len, "seed": 0,
              "calibration": "embedded corpus", "eval": f"persuasion.txt, first {args.eval_tokens} tokens, windows of 512",
              "threads_per_rank": 1, "backend": "gloo", "cpus": os.cpu_count(), "python": platform.python_version()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "distributed.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1) + "\n")
     lines = ["# Data-parallel calibration: 1 process vs 2 gloo ranks", "",
-             f"`python bench/distributed.py --samples {args.samples} --seq-len {args.seq_len} --iters {args.iters}`; "
+             f"`python bench/distributed.py --samples {args.samples} --seq-len {args.seq_len} --iters {args.iters} "
+             f"--blocks {args.blocks}`; "
              "setup in its docstring and distributed.json. One thread per rank, so 2 ranks use both cores and 1 "
              "process one; wall time includes each process's start-up and model load.", "",
              "| recipe | identical files | equal codes | ppl 1 rank | ppl 2 ranks | delta | wall 1 | wall 2 | speed-up "
