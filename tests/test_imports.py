@@ -22,7 +22,7 @@ LAYERS = [
     ["passes"],
     ["algorithms", "blocks", "measure", "artifact", "weights", "modules", "ops", "quant", "sparse", "lowrank", "models", "experts",
      "data"],
-    ["errors", "files", "safejson", "targets", "corpus"],
+    ["errors", "files", "safejson", "targets", "corpus", "dist"],
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 
