@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+# bench/ itself off the path: bench/kernels.py would shadow the `kernels` package transformers imports
+sys.path[:] = [str(ROOT), str(ROOT / "tests")] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+from tiny_models import code_agreement  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 PERSUASION = ROOT.parent / "shared" / "data" / "austen" / "persuasion.txt"
 
@@ -35,21 +37,6 @@ def cli(*args: str) -> tuple[dict, float]:
     if r.returncode != 0:
         raise RuntimeError(f"compress {' '.join(args)}: exit {r.returncode}: {r.stderr[-2000:]}")
     return json.loads(r.stdout), wall
-
-
-def code_agreement(a: Path, b: Path) -> float:
-    from safetensors.torch import load_file
-
-    from compressor.quant import unpack_int32
-
-    ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    same = total = 0
-    for k, v in ta.items():
-        if k.endswith("weight_packed"):
-            cols = int(ta[k[: -len("packed")] + "shape"][1])
-            qa, qb = unpack_int32(v, 4, cols), unpack_int32(tb[k], 4, cols)
-            same, total = same + int((qa == qb).sum()), total + qa.numel()
-    return same / total
 
 
 def identical(a: Path, b: Path) -> bool:

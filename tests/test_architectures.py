@@ -17,19 +17,6 @@ OURS_RTOL = 1e-5  # ours vs the reference: the same dequantized weights, another
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, demo_path):
-    root = tmp_path_factory.mktemp("archs")
-
-    def get(name: str) -> Path:
-        out = root / name
-        if not (out / "config.json").is_file():
-            tiny_models.build(name, out, demo_path)
-        return out
-
-    return get
-
-
-@pytest.fixture(scope="session")
 def learned_recipe(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("recipes") / "w4-flexround-3.yaml"
     p.write_text("version: 1\npasses:\n  - pass: flexround\n    bits: 4\n    group_size: 128\n    symmetric: true\n"

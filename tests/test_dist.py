@@ -72,21 +72,6 @@ def _compress(src: Path, recipe, out: Path, calib: Path, workers: int) -> dict:
                                workers=workers)
 
 
-def _code_agreement(a: Path, b: Path) -> float:
-    from safetensors.torch import load_file
-
-    from compressor.quant import unpack_int32
-
-    ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    same = total = 0
-    for k, v in ta.items():
-        if k.endswith("weight_packed"):
-            cols = int(ta[k[: -len("packed")] + "shape"][1])
-            qa, qb = unpack_int32(v, 4, cols), unpack_int32(tb[k], 4, cols)
-            same, total = same + int((qa == qb).sum()), total + qa.numel()
-    return same / total
-
-
 def test_rtn_same_artifact_gptq_flexround_nearly(tiny_llama, calib, tmp_path):
     """RTN: byte-identical files on 1 and 2 ranks. GPTQ (MSE clipping and refit are discrete choices a 1e-7
     difference in a Hessian can flip) and FlexRound (gradients summed over ranks): most codes the same, the block
@@ -101,7 +86,7 @@ def test_rtn_same_artifact_gptq_flexround_nearly(tiny_llama, calib, tmp_path):
     for name, rec, agree in (("gptq", "w4-gptq", 0.9), ("fr", recipe, 0.999)):
         s1 = _compress(tiny_llama, rec, tmp_path / f"{name}1", calib, 1)
         s2 = _compress(tiny_llama, rec, tmp_path / f"{name}2", calib, 2)
-        assert _code_agreement(tmp_path / f"{name}1", tmp_path / f"{name}2") >= agree, name
+        assert tiny_models.code_agreement(tmp_path / f"{name}1", tmp_path / f"{name}2") >= agree, name
         e1, e2 = s1["mean_block_output_rel_mse"], s2["mean_block_output_rel_mse"]
         assert abs(e2 - e1) <= 0.05 * e1, (name, e1, e2)
 

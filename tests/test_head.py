@@ -24,19 +24,6 @@ def _recipe(tmp_path: Path, name: str, steps: str) -> Path:
 BLOCKS_G32 = "  - pass: rtn\n    bits: 4\n    group_size: 32\n    symmetric: false\n"
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, demo_path):
-    root = tmp_path_factory.mktemp("head")
-
-    def get(name: str) -> Path:
-        out = root / name
-        if not (out / "config.json").is_file():
-            tiny_models.build(name, out, demo_path)
-        return out
-
-    return get
-
-
 def _compress(src: Path, recipe: Path, out: Path, calib: Path) -> dict:
     import compressor
 
@@ -49,12 +36,12 @@ def _keys(art: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "bert"])
-def test_embedding_quantized_one_scheme(arch, tiny, small_calib, tmp_path):
+def test_embedding_quantized_one_scheme(arch, tiny_dir, small_calib, tmp_path):
     """The embedding (tied to lm_head in llama and gemma3, Gemma's scaled by sqrt(hidden); BERT's word embeddings)
     quantized with the blocks' scheme: ours equals the fake-quantized reference exactly, transformers opens it with
     the same logits, a tied lm_head is stored nowhere and shares the embedding's buffers, and the model's bits per
     weight drop below what the blocks alone give."""
-    src = tiny(arch)
+    src = tiny_dir(arch)
     recipe = _recipe(tmp_path, "emb", BLOCKS_G32 + "  - pass: rtn\n    targets: "
                      "['re:.*(embed_tokens|word_embeddings)$']\n    bits: 4\n    group_size: 32\n    symmetric: false\n")
     blocks_only = _compress(src, _recipe(tmp_path, "blocks", BLOCKS_G32), tmp_path / "blocks", small_calib)
@@ -81,10 +68,10 @@ def test_embedding_quantized_one_scheme(arch, tiny, small_calib, tmp_path):
         assert model.lm_head.weight_packed is model.get_input_embeddings().weight_packed
 
 
-def test_untied_head_and_embedding_own_grids(tiny, small_calib, tmp_path):
+def test_untied_head_and_embedding_own_grids(tiny_dir, small_calib, tmp_path):
     """An untied model (qwen2): lm_head at 8 bits per channel, the embedding at 4 bits group 32, each its own step;
     ours equals the reference exactly and each is stored under its own checkpoint key."""
-    src = tiny("qwen2")
+    src = tiny_dir("qwen2")
     recipe = _recipe(tmp_path, "r", BLOCKS_G32
                      + "  - pass: rtn\n    targets: [lm_head]\n    bits: 8\n    group_size: -1\n    symmetric: true\n"
                      + "  - pass: rtn\n    targets: [embed_tokens]\n    bits: 4\n    group_size: 32\n    symmetric: false\n")
@@ -117,10 +104,10 @@ def test_quant_embedding_lookup_is_the_dequantized_table():
         assert torch.equal(emb(ids), nn.functional.embedding(ids, table) * 8.0)
 
 
-def test_refused_before_any_work(tiny, small_calib, tmp_path):
+def test_refused_before_any_work(tiny_dir, small_calib, tmp_path):
     """A pass that needs calibration inputs naming lm_head, and two passes naming the two ends of a tied pair (one
     tensor), exit 2 with a message that names them; nothing is written."""
-    src = tiny("llama")
+    src = tiny_dir("llama")
     gptq = _recipe(tmp_path, "g", "  - pass: gptq\n    targets: [lm_head]\n    bits: 4\n")
     r = run_cli("model", str(src), "--recipe", str(gptq), "--out", str(tmp_path / "o1"), "--calib", str(small_calib),
                 "--samples", "4", "--seq-len", "32")

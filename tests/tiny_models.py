@@ -136,3 +136,19 @@ def check(src: Path, artifact: Path, ids: torch.Tensor) -> dict:
     out["transformers_detail"] = t["detail"]
     out["transformers_max_diff"] = t.get("value")
     return out
+
+
+def code_agreement(a: Path, b: Path, bits: int = 4) -> float:
+    """The fraction of equal codes over every pack-quantized weight of two artifacts of one model (bits-bit)."""
+    from safetensors.torch import load_file
+
+    from compressor.quant import unpack_int32
+
+    ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    same = total = 0
+    for k, v in ta.items():
+        if k.endswith("weight_packed"):
+            cols = int(ta[k[: -len("packed")] + "shape"][1])
+            qa, qb = unpack_int32(v, bits, cols), unpack_int32(tb[k], bits, cols)
+            same, total = same + int((qa == qb).sum()), total + qa.numel()
+    return same / total
