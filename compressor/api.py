@@ -24,8 +24,8 @@ from .evaluate import evaluate
 from .models import (DTYPES, Checkpoint, ModelSource, checkpoint_key, find_blocks, is_causal_lm, load_tokenizer,
                      resolve_model, skeleton, storage_dtype)
 from .blocks import Context
-from .recipe import load_recipe
-from .runner import BlockResult, block_tensors, check_world, checkpoint_key_prefix, prepare, run_blocks
+from .runner import (BlockResult, block_tensors, check_world, checkpoint_key_prefix, prepare, resolve_recipe,
+                     run_blocks)
 
 
 def compress(
@@ -59,28 +59,26 @@ def compress(
     w = dist.world()
     local = Path(model).expanduser()  # a model path: the output may not be it or hold it (before any conversion)
     check_output(out, force, local if model != "demo" and local.exists() else None, clean=w.main)
+    if workers < 1:
+        raise BadInput(f"--workers {workers}: expected 1 or more")
     if workers > 1 and w.size == 1:
         return _spawn_compress(workers, dict(
             model=model, recipe=recipe, out=out, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
             device=device, force=force, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, dtype=dtype),
             log)
-    if workers < 1:
-        raise BadInput(f"--workers {workers}: expected 1 or more")
     rec, dev, src, windows, cal_info = prepare(model, recipe, calib, samples, seq_len, seed, device, log,
                                                 allow_pickle, trust_remote_code)
+    cal = rec.calibration
+    skel = skeleton(src.path, trust_remote_code)
+    ckpt = Checkpoint(src.path)
+    ctx = Context(device=dev, seed=cal.seed, log=log)
     if not w.main:  # the same blocks on this rank's shard; rank 0 writes
-        ctx = Context(device=dev, seed=rec.calibration.seed)
-        skel = skeleton(src.path, trust_remote_code)
-        run_blocks(skel, Checkpoint(src.path), rec, windows, ctx, lambda i, prefix, res: None)
+        run_blocks(skel, ckpt, rec, windows, ctx, lambda i, prefix, res: None)
         dist.gather(peak_memory(dev))
         return None
     dtype = storage_dtype(src) if dtype == "auto" else dtype
     log(f"storage dtype of the tensors no pass compresses: {dtype}")
-    cal = rec.calibration
-    skel = skeleton(src.path, trust_remote_code)
-    ckpt = Checkpoint(src.path)
     blocks_prefix, blocks = find_blocks(skel)
-    ctx = Context(device=dev, seed=cal.seed, log=log)
     layers: dict[str, dict] = {}
     block_errs: dict[str, float] = {}
     with ArtifactWriter(out, force, src.path) as writer:
@@ -124,9 +122,7 @@ def _spawn_compress(workers: int, kwargs: dict[str, Any], log: Callable[[str], N
     """compress(**kwargs) on `workers` local ranks (dist.spawn, gloo): the recipe is checked here first, so a bad
     one exits 2 before any rank starts; rank 0's summary comes back through a file. A rank that fails ends them all:
     its exit code (2 for bad input, else 1) is the run's, and what a killed rank 0 left behind is removed."""
-    rec = load_recipe(kwargs["recipe"]).with_calibration(samples=kwargs["samples"], seq_len=kwargs["seq_len"],
-                                                         seed=kwargs["seed"])
-    check_world(rec, workers)
+    check_world(resolve_recipe(kwargs["recipe"], kwargs["samples"], kwargs["seq_len"], kwargs["seed"]), workers)
     resolve_model(kwargs["model"], kwargs["allow_pickle"], kwargs["trust_remote_code"])  # a conversion, done once
     log(f"spawning {workers} ranks (gloo, {max(1, (os.cpu_count() or 1) // workers)} threads each)")
     with tempfile.TemporaryDirectory(prefix="compressor-ranks-") as tmp:

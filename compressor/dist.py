@@ -161,11 +161,6 @@ def moved(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def barrier() -> None:
-    if world().size > 1:
-        dist.barrier()
-
-
 def collective_device() -> torch.device:
     """Where a collective's own tensors live: the rank's GPU under nccl, else the CPU."""
     if dist.get_backend() == "nccl":

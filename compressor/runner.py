@@ -33,7 +33,7 @@ def prepare(model: str, recipe: str | Path, calib, samples, seq_len, seed, devic
              allow_pickle: bool = False, trust_remote_code: bool = False):
     """What a run needs before its blocks: (recipe, device, model source, calibration windows, their info);
     seeds torch with the calibration seed."""
-    rec = load_recipe(recipe).with_calibration(samples=samples, seq_len=seq_len, seed=seed)
+    rec = resolve_recipe(recipe, samples, seq_len, seed)
     dev = pick_device(device)
     src = resolve_model(model, allow_pickle, trust_remote_code)
     if src.is_compressed:
@@ -47,6 +47,11 @@ def prepare(model: str, recipe: str | Path, calib, samples, seq_len, seed, devic
     log(f"calibration: {cal_info['source']}: {cal.samples} windows of {cal.seq_len} tokens, seed {cal.seed}")
     torch.manual_seed(cal.seed)
     return rec, dev, src, dist.shard(windows), cal_info
+
+
+def resolve_recipe(recipe: str | Path, samples, seq_len, seed) -> Recipe:
+    """The recipe by shipped name or path, its calibration fields overridden by the ones given (None: kept)."""
+    return load_recipe(recipe).with_calibration(samples=samples, seq_len=seq_len, seed=seed)
 
 
 def check_world(rec: Recipe, size: int | None = None) -> None:

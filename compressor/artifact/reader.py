@@ -176,7 +176,9 @@ def load_compressed(src: ModelSource, device: torch.device, dtype: torch.dtype) 
     schemes = ct_layer_schemes(qc, linears)
     tied = tied_output_weight(model)  # an lm_head stored nowhere, tied to the input embedding: a target only as
     head = tied.removesuffix(".weight") if tied else None  # the quantized embedding it reads (handled below)
-    if head and not any(checkpoint_key(model, ckpt, f"{head}.{t}") for t in ("weight", "weight_packed")):
+    if head and any(checkpoint_key(model, ckpt, f"{head}.{t}") for t in ("weight", "weight_packed")):
+        head = None  # stored: a layer of its own
+    if head:
         schemes.pop(head, None)
     for name in ct_sparse_layers(qc, linears):
         if name in schemes:  # quantized too: compressed-tensors compressed such a weight by quantization alone
@@ -187,7 +189,7 @@ def load_compressed(src: ModelSource, device: torch.device, dtype: torch.dtype) 
         base = key[: -len("compressed")]
         ckpt.derived[base + "weight"] = lambda base=base: SparseWeight.from_tensors(
             ckpt.layer(base, SPARSE_SUFFIXES)).weight
-    tied_head = None  # the lm_head tied to a quantized input embedding: it reads the embedding's buffers
+    tied_head = tied_emb = None  # the lm_head tied to a quantized input embedding reads the embedding's buffers
     for name, (bits, g, sym) in schemes.items():
         lin = model.get_submodule(name)
         key = checkpoint_key(model, ckpt, f"{name}.weight_scale")
@@ -197,9 +199,9 @@ def load_compressed(src: ModelSource, device: torch.device, dtype: torch.dtype) 
             scale, rounded = embedding_scale(lin)
             q = QuantEmbedding(lin.num_embeddings, lin.embedding_dim, bits, g, sym, ckpt.get(key).dtype, dtype, scale,
                                rounded)
-            if head and lin is model.get_input_embeddings() and checkpoint_key(model, ckpt, tied) is None:
-                tied_head = (head, q, QuantLinear(lin.embedding_dim, lin.num_embeddings, bits, g, sym,
-                                                  model.get_submodule(head).bias is not None, q.weight_scale.dtype))
+            if head and lin is model.get_input_embeddings():
+                tied_emb, tied_head = q, QuantLinear(lin.embedding_dim, lin.num_embeddings, bits, g, sym,
+                                                     model.get_submodule(head).bias is not None, q.weight_scale.dtype)
         else:
             sparse_key = checkpoint_key(model, ckpt, f"{name}.weight_sparse_values")
             nnz = 0 if sparse_key is None else ckpt.get(sparse_key).numel()
@@ -219,13 +221,12 @@ def load_compressed(src: ModelSource, device: torch.device, dtype: torch.dtype) 
         check_layer_tensors(model, ckpt, name, f"{bits}-bit {'per-channel' if g == -1 else f'group {g}'} "
                             f"{'symmetric' if sym else 'asymmetric'} in config.json", src.path)
     if tied_head is not None:  # before the load: a tied lm_head's own weight is not stored
-        head_name, emb, head = tied_head
-        parent, _, child = head_name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, head)
+        parent, _, child = head.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, tied_head)
     materialize(model, "", ckpt, device, dtype)
     model = model.to(device)
     if tied_head is not None:
-        head.share_buffers(emb)  # after the move: one copy on the device
+        tied_head.share_buffers(tied_emb)  # after the move: one copy on the device
     return model
 
 
