@@ -78,9 +78,15 @@ class BlockIO:
     def input_second_moments(self, block: nn.Module, names: list[str]) -> dict[str, Tensor]:
         """sum over calibration tokens of x x^T for the inputs of the named layers: {name: (K, K)}; how many
         tokens each saw goes to `tokens_seen` (an expert sees only the tokens routed to it; one no token reaches
-        keeps a zero matrix and a count of 0, and the block is then run to its end on every batch)."""
+        keeps a zero matrix and a count of 0, and the block is then run to its end on every batch).
+
+        The products are summed in float64 and rounded to float32 once, at the end: the float32 result is then the
+        same however the windows are batched or split between ranks (a float32 sum's rounding depends on the
+        order, and GPTQ's discrete choices, its MSE clipping and scale refit, amplify a 1e-7 difference into other
+        codes)."""
         dev = self.inputs[0].device
-        acc = {n: torch.zeros(self.layers[n].in_features, self.layers[n].in_features, device=dev) for n in names}
+        acc = {n: torch.zeros(self.layers[n].in_features, self.layers[n].in_features, device=dev, dtype=torch.float64)
+               for n in names}
         self.tokens_seen.update({n: 0 for n in names})
         pending: set[str] = set()
         done: list[tuple[Tensor, Tensor]] = []  # this batch's (input, x^T x): siblings reading one input share it
@@ -89,7 +95,7 @@ class BlockIO:
             def fn(_m: nn.Module, args: tuple) -> None:
                 xtx = next((m for x, m in done if x is args[0]), None)
                 if xtx is None:
-                    x = args[0].reshape(-1, args[0].shape[-1]).float()  # (B*T, K)
+                    x = args[0].reshape(-1, args[0].shape[-1]).double()  # (B*T, K)
                     xtx = x.T @ x
                     done.append((args[0], xtx))
                 acc[name] += xtx
@@ -112,7 +118,7 @@ class BlockIO:
             for h in handles:
                 h.remove()
         for n in names:  # on several ranks: the sums over every rank's windows (dist.py), the same on each
-            dist.all_reduce_sum(acc[n])
+            acc[n] = dist.all_reduce_sum(acc[n]).float()
         for n, seen in zip(names, dist.sum_ints([self.tokens_seen[n] for n in names])):
             self.tokens_seen[n] = seen
         return acc
@@ -349,11 +355,12 @@ def stream_fp_layers(model: nn.Module, ckpt: Checkpoint, windows: Tensor, ctx: C
     for _, block, io in stream_blocks(model, ckpt, windows, ctx):
         layers = {f"{io.prefix}.{n}": m for n, m in block.named_modules()
                   if isinstance(m, nn.Linear) and select(f"{io.prefix}.{n}")}
-        acc = {n: torch.zeros((m.in_features,) * (2 if full else 1), device=ctx.device) for n, m in layers.items()}
+        acc = {n: torch.zeros((m.in_features,) * (2 if full else 1), device=ctx.device, dtype=torch.float64)
+               for n, m in layers.items()}  # float64 sums, float32 at the end (as input_second_moments)
 
         def hook(name: str):
             def fn(_m: nn.Module, args: tuple) -> None:
-                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                x = args[0].reshape(-1, args[0].shape[-1]).double()
                 acc[name] += x.T @ x if full else x.pow(2).sum(0)
             return fn
 
@@ -364,4 +371,4 @@ def stream_fp_layers(model: nn.Module, ckpt: Checkpoint, windows: Tensor, ctx: C
             for h in handles:
                 h.remove()
         for name, lin in layers.items():
-            yield name, lin, dist.all_reduce_sum(acc[name])
+            yield name, lin, dist.all_reduce_sum(acc[name]).float()

@@ -98,6 +98,28 @@ def shard(windows: Tensor, w: World | None = None) -> Tensor:
     return windows if w.size == 1 else windows[w.rank :: w.size]
 
 
+def head(windows: Tensor, n: int, w: World | None = None) -> Tensor:
+    """This rank's part of the first `n` calibration windows of the whole set (`windows`: this rank's shard): the
+    windows r, r + W, ... below n. Over the ranks together they are the first n windows, as one process takes them
+    (a plan's curve or fitness windows); a rank may get none when n < W."""
+    w = w or world()
+    return windows if w.size == 1 else windows[: len(range(w.rank, n, w.size))]
+
+
+def unshard(windows: Tensor) -> Tensor:
+    """Every rank's shard put back together, in the order one process has the windows (for what is keyed by the
+    whole calibration set, such as a database's identity)."""
+    w = world()
+    if w.size == 1:
+        return windows
+    parts: list[Any] = [None] * w.size
+    dist.all_gather_object(parts, windows.cpu())
+    out = torch.empty((sum(len(p) for p in parts), *windows.shape[1:]), dtype=windows.dtype)
+    for r, part in enumerate(parts):
+        out[r :: w.size] = part
+    return out.to(windows.device)
+
+
 def all_reduce_sum(t: Tensor) -> Tensor:
     """t summed over the ranks, in place (and returned); t itself with one process."""
     if world().size > 1:
@@ -105,13 +127,18 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     return t
 
 
-def sum_ints(values: list[int]) -> list[int]:
-    """Integers (token counts) summed over the ranks."""
+def sum_floats(values: list[float]) -> list[float]:
+    """Numbers (a loss's sum and its count, a distortion's) summed over the ranks, in float64."""
     if world().size == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return [int(round(v)) for v in t.tolist()]
+    return t.tolist()
+
+
+def sum_ints(values: list[int]) -> list[int]:
+    """Integers (token counts) summed over the ranks."""
+    return [int(round(v)) for v in sum_floats([float(v) for v in values])]
 
 
 def owners(costs: list[float], size: int | None = None) -> list[int]:
