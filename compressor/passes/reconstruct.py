@@ -159,33 +159,43 @@ def reconstruct(
     # fused: one kernel over all the parameters instead of a dozen elementwise passes each (CPU and CUDA)
     opt = torch.optim.Adam(params, lr=lr, fused=all(p.device.type in ("cpu", "cuda") for p in params))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, iters, 1.0, 0.0)) if lr_decay else None
-    # several ranks (dist.py) train as DDP does: each draws its share of the step's windows from its own shard with
-    # its own seeded generator, the loss is the relative error over the whole step's windows (the denominator summed
-    # over ranks), the gradients are summed over ranks before every step, so every rank takes the same step
+    # several ranks (dist.py) train as DDP does: every rank draws the same step windows one process would (the same
+    # seeded generator over the batches of the whole calibration set) and runs those of them its shard holds; the
+    # loss is the relative error over the whole step's windows (the denominator summed over ranks) and the gradients
+    # are summed over ranks before every step, so every rank takes the step one process takes, up to float order
     world = dist.world()
-    gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + zlib.crc32(io.prefix.encode()) + 7919 * world.rank)
+    gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + zlib.crc32(io.prefix.encode()))
     sizes = torch.tensor([x.shape[0] for x in io.inputs], dtype=torch.float)
+    if world.size > 1:  # the batches one process caches: the whole set's windows, ctx.batch_size at a time
+        total = dist.sum_ints([int(sizes.sum())])[0]
+        sizes = torch.tensor([min(ctx.batch_size, total - i) for i in range(0, total, ctx.batch_size)], dtype=torch.float)
     if batch_samples is None:
         batch_samples = max(1, -(-BATCH_TOKENS // io.inputs[0].shape[1]))
-    batch_samples = -(-batch_samples // world.size)  # this rank's share of a step's windows
     frozen = [(p, p.requires_grad) for p in block.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
     before = _hard_error(block, io, _hard(quantizers), local, dtypes, ctx.device)
     try:
         for step in range(iters):
-            x, t, kw = _minibatch(io, sizes, batch_samples, gen, ctx.device)
-            weights = {local[n]: q().to(dtypes[n]) for n, q in quantizers.items()}
-            y = hidden(functional_call(block, weights, (x,), kw)).float()
-            den = t.float().pow(2).sum()
+            batch = _minibatch(io, sizes, batch_samples, gen, ctx.device, world, ctx.batch_size)
+            loss = None
+            if batch is not None:  # (a rank none of whose windows the step drew still joins the reductions)
+                x, t, kw = batch
+                weights = {local[n]: q().to(dtypes[n]) for n, q in quantizers.items()}
+                y = hidden(functional_call(block, weights, (x,), kw)).float()
+                den = t.float().pow(2).sum()
+                loss = (y - t.float()).pow(2).sum()
             if world.size > 1:
-                den = dist.all_reduce_sum(den.clone())
-            loss = (y - t.float()).pow(2).sum() / den.clamp_min(1e-30)
+                den = dist.all_reduce_sum(den.clone() if batch is not None else torch.zeros((), device=ctx.device))
+            if loss is not None:
+                loss = loss / den.clamp_min(1e-30)
             reg = None if regularizer is None else regularizer(step)
             if reg is not None:
-                loss = loss + reg / world.size  # each rank's share: the sum over ranks is the regularizer once
+                reg = reg / world.size  # each rank's share: the sum over ranks is the regularizer once
+                loss = reg if loss is None else loss + reg
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss is not None:
+                loss.backward()
             if world.size > 1:
                 _sum_grads(params)
             opt.step()
@@ -221,12 +231,29 @@ def _hard_error(block: nn.Module, io: BlockIO, qweights: dict[str, QWeight], loc
     return rel_sq_err([y], [io.targets[0].to(device)])  # type: ignore[index]
 
 
-def _minibatch(io: BlockIO, sizes: Tensor, n: int, gen: torch.Generator, device: torch.device):
-    """`n` random windows of one cached batch (picked in proportion to its size), moved to `device`."""
+def _minibatch(io: BlockIO, sizes: Tensor, n: int, gen: torch.Generator, device: torch.device,
+               world: dist.World = dist.World(), batch_size: int = 0):
+    """`n` random windows of one cached batch (picked in proportion to its size), moved to `device`: (inputs,
+    targets, kwargs). On several ranks `sizes` are the batches of the whole set (`batch_size` windows each), the
+    draw is the one a single process makes, and the result is the drawn windows this rank's shard holds (global
+    window i is window i // W of rank i % W), or None when it holds none of them."""
     b = int(torch.multinomial(sizes, 1, generator=gen))
     size = int(sizes[b])
     rows = torch.randperm(size, generator=gen)[: min(n, size)].sort().values
-    x, t = io.inputs[b][rows], io.targets[b][rows]  # type: ignore[index]
-    kw = slice_kwargs(io.kwargs[b], size, rows)
+    if world.size == 1:
+        x, t = io.inputs[b][rows], io.targets[b][rows]  # type: ignore[index]
+        kw = slice_kwargs(io.kwargs[b], size, rows)
+    else:
+        ids = b * batch_size + rows
+        mine = ids[ids % world.size == world.rank] // world.size  # indices into this rank's shard, ascending
+        if len(mine) == 0:
+            return None
+        at, row = mine // batch_size, mine % batch_size  # its cached batch, and the row in it
+        parts = [(int(k), row[at == k]) for k in at.unique()]
+        x = torch.cat([io.inputs[k][r] for k, r in parts])
+        t = torch.cat([io.targets[k][r] for k, r in parts])  # type: ignore[index]
+        # the windows are full ones of one length, so every batch's keyword arguments (causal mask, positions)
+        # are the same per window: the first batch's, cut to the count, serve windows from any batch
+        kw = slice_kwargs(io.kwargs[0], io.inputs[0].shape[0], torch.arange(len(mine)))
     kw = {k: to_device(v, device) for k, v in kw.items()}
     return x.to(device), t.to(device), kw
