@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import dist
 from .algorithms import pqi as PQI
 from .algorithms import prune as P
 from .blocks import BlockIO, Context, stream_blocks
@@ -164,7 +165,12 @@ def additivity(streams: BlockStreams, model: nn.Module, curves: dict[str, list[f
 
 class KLFitness:
     """KL(dense || compressed) of the next-token distributions over random windows from a pool, the dense side's
-    top-k log-probabilities (and the mass outside them) computed once per window."""
+    top-k log-probabilities (and the mass outside them) computed once per window.
+
+    On several ranks (dist.py) `windows` is this rank's part of the pool (dist.head: pool window i is window i // W
+    of rank i % W). A stage draws pool windows as one process does; each rank scores those it holds and the KL (or
+    NLL) sums and counts are summed over the ranks, so every rank gets the one process's fitness (up to float
+    order) and takes the same selection decision."""
 
     def __init__(self, model: nn.Module, windows: Tensor, layers: Iterable[str], variants: dict[str, list[Tensor]],
                  stage_windows: list[int], topk: int = 256, device: torch.device = torch.device("cpu"),
@@ -174,6 +180,8 @@ class KLFitness:
         if metric not in ("kl", "perplexity"):
             raise BadInput(f"fitness metric must be 'kl' or 'perplexity', got {metric!r}")
         self.model, self.windows, self.device, self.dtype, self.metric = model, windows, device, dtype, metric
+        self.world = dist.world()
+        self.pool_size = dist.sum_ints([len(windows)])[0]  # the windows of the whole pool, over every rank
         self.layers = list(layers)
         self.variants = variants
         self.stage_windows = stage_windows
@@ -207,10 +215,12 @@ class KLFitness:
 
     @torch.no_grad()
     def kl(self, state: tuple[int, ...], window_ids: list[int]) -> float:
+        """The fitness of `state` on the pool windows `window_ids` (over every rank)."""
         self.set_state(state)
         total, count = 0.0, 0
+        size, rank = self.world.size, self.world.rank
         with self._compute():
-            for i in window_ids:
+            for i in (i // size for i in window_ids if i % size == rank):  # the ones this rank holds
                 lq = self._log_probs(self.windows[i])
                 if self.metric == "perplexity":  # the mean next-token NLL: log-perplexity, ordered as perplexity
                     nll = -lq.gather(-1, self.windows[i][1:].to(lq.device).unsqueeze(-1))
@@ -224,11 +234,12 @@ class KLFitness:
                 total += float(kl.sum())
                 count += kl.numel()
         self.calls += 1
+        total, count = dist.sum_floats([total, count])
         return total / max(count, 1)
 
     def __call__(self, state: tuple[int, ...], stage: int, rng: torch.Generator) -> float:
-        n = min(self.stage_windows[stage], len(self.windows))
-        ids = torch.randperm(len(self.windows), generator=rng)[:n].tolist()
+        n = min(self.stage_windows[stage], self.pool_size)
+        ids = torch.randperm(self.pool_size, generator=rng)[:n].tolist()
         return self.kl(state, ids)
 
 
@@ -238,7 +249,8 @@ def subblock_influence(model: nn.Module, blocks: list[nn.Module], windows: Tenso
     """ShortGPT-style block influence of every residual sub-block (Men et al. 2024): 1 - the mean cosine similarity
     between the residual stream before and after it, over the tokens of `windows` on the FP model. A sub-block
     whose output barely turns the stream is the cheapest to drop. Llama-style blocks only: h_mid = h + attn(.),
-    h_out = h_mid + mlp(.), with `parts` the two children's names. Returns {(block index, part): influence}."""
+    h_out = h_mid + mlp(.), with `parts` the two children's names. Returns {(block index, part): influence}. On
+    several ranks, `windows` is this rank's part; the sums and the token count are summed over the ranks."""
     sums: dict[tuple[int, str], float] = {}
     count = 0
     state: dict[int, dict[str, Tensor]] = {}
@@ -271,7 +283,9 @@ def subblock_influence(model: nn.Module, blocks: list[nn.Module], windows: Tenso
     finally:
         for h in handles:
             h.remove()
-    return {k: 1.0 - v / count for k, v in sums.items()}
+    keys = [(i, p) for i in range(len(blocks)) for p in parts]  # (a rank with no window has no sums of its own)
+    *totals, count = dist.sum_floats([sums.get(k, 0.0) for k in keys] + [count])
+    return {k: 1.0 - v / count for k, v in zip(keys, totals)}
 
 
 # ---------------------------------------------------------------------------------- loss, gradient, PQI

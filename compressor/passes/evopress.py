@@ -23,6 +23,12 @@ Plan (before the blocks, on the FP model):
    KL(dense || compressed) as the fitness; progress logged, the trace written beside the database.
 The assignment ({layer: {bits}}, {layer: {sparsity}} or {layer: {dropped}}) goes into recipe.yaml.
 
+On several ranks (dist.py): every rank builds the database with the candidate (its Hessians and solves reduced and
+split as in one run), rank 0 writes it and the others read it back (so on several machines `database:` must be a
+directory they share); the fitness pool is split between the ranks, each scores the stage windows it holds and the
+KL sums are reduced, so every rank takes one process's selection decisions; rank 0 alone writes the checkpoint and
+the trace.
+
 Here: the config, the database on disk (one safetensors file per layer, built on blocks.stream_blocks), the
 search's checkpoint file, the plan and the block function. The evolution is algorithms/evopress.py, the KL fitness
 and the sub-block influence compressor/measure.py.
@@ -41,7 +47,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .. import measure
+from .. import dist, measure
 from ..algorithms import evopress as E
 from ..algorithms import prune as P
 from ..blocks import BlockIO, Context, stream_blocks
@@ -174,9 +180,11 @@ class Database:
 
 def search_checkpoint(path: Path) -> dict[str, Any]:
     """E.evolve's resume / on_checkpoint kept in a JSON file: read when it is there, rewritten (atomically) after
-    every generation."""
-    return {"resume": json.loads(path.read_text()) if path.is_file() else None,
-            "on_checkpoint": lambda state: write_atomic(path, lambda p: p.write_text(json.dumps(state)))}
+    every generation. On several ranks rank 0 alone reads and writes it; the others get what it read."""
+    main = dist.world().main
+    resume = json.loads(path.read_text()) if main and path.is_file() else None
+    return {"resume": dist.broadcast(resume, 0),
+            "on_checkpoint": (lambda state: write_atomic(path, lambda p: p.write_text(json.dumps(state)))) if main else None}
 
 
 def _db_root(cfg: EvoPressConfig, key: str) -> Path:
@@ -212,16 +220,22 @@ def build_database(inp: PlanInput, cfg: EvoPressConfig, db: Database) -> None:
     n_blocks = len(find_blocks(model)[1])
     needs_data = _reads(cfg) != "weights"
     quiet = Context(device=ctx.device, seed=ctx.seed)
+    main = dist.world().main  # on several ranks every rank computes the variants (the candidate's own reductions
+    # and solves are split between them) and rank 0 writes them
     for i, block, io in stream_blocks(model, inp.ckpt, inp.windows, ctx, data=needs_data):
         io.layers = {n: m for n, m in ((f"{io.prefix}.{n}", m) for n, m in block.named_modules()) if n in db.space.layers}
-        kept = all(db.has_layer(n) for n in io.layers)  # from an interrupted build: only the FP forward is needed
+        # from an interrupted build: only the FP forward is needed (rank 0's files decide, for every rank)
+        kept = dist.broadcast(main and all(db.has_layer(n) for n in io.layers), 0)
         if needs_data:  # the FP block's outputs: the next block's inputs, and the targets of a reconstructing candidate
             io.outputs = io.forward(block)
         if not kept:
             for n, vs in _block_variants(cfg, block, io, quiet).items():
-                db.write_layer(n, vs)
+                if main:
+                    db.write_layer(n, vs)
         ctx.log(f"evopress database: block {i + 1}/{n_blocks}" + (" (kept from an earlier build)" if kept else ""))
-    db.finish()
+    if main:
+        db.finish()
+    dist.broadcast(None, 0)  # every rank reads the database once rank 0 has written all of it
 
 
 def depth_units(model: nn.Module, select) -> tuple[list[str], dict[str, str], dict[str, list[str]]]:
@@ -253,10 +267,11 @@ def _search(inp: PlanInput, cfg: EvoPressConfig, space: E.LevelSpace, variants: 
     """The evolution on the FP model (materialized here) with the KL fitness; the trace goes to `trace_dir`.
     `identity`: what the variants come from (the model files' digests, the database key), for the checkpoint's key."""
     ctx = inp.ctx
-    pool = inp.windows[: cfg.fitness_samples, : cfg.fitness_seq_len]
+    pool = dist.head(inp.windows, cfg.fitness_samples)[:, : cfg.fitness_seq_len]  # (this rank's part of it)
     # the search's checkpoint: keyed by what its course depends on (not `generations`: more of them extend it)
     ck_key = database_key({"spec": {k: v for k, v in inp.spec.to_yaml_dict().items() if k != "generations"},
-                             **identity, "pool": database_key({"w": pool.tolist()}), "device": str(ctx.device)})
+                             **identity, "pool": database_key({"w": dist.unshard(pool).tolist()}),
+                           "device": str(ctx.device)})
     trace_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = trace_dir / f"search-{ck_key}.json"
     if checkpoint.is_file():
@@ -271,14 +286,15 @@ def _search(inp: PlanInput, cfg: EvoPressConfig, space: E.LevelSpace, variants: 
                                 on_generation=lambda g: ctx.log(f"evopress generation {g['generation']}/{cfg.generations}: "
                                                                 f"{label} {g['fitness']:.5f}, {g['average']:.3f} {unit}, {g['seconds']:.0f} s"),
                                 **search_checkpoint(checkpoint))
-        start_fit = fit.kl(start, list(range(len(pool)))) if cfg.generations else None
-        final_fit = fit.kl(state, list(range(len(pool)))) if cfg.generations else None
+        start_fit = fit.kl(start, list(range(fit.pool_size))) if cfg.generations else None
+        final_fit = fit.kl(state, list(range(fit.pool_size))) if cfg.generations else None
     finally:
         release(inp.model, "")
-    (trace_dir / f"trace-{database_key(inp.spec.to_yaml_dict())}.json").write_text(json.dumps(
-        {"space": cfg.space, "target": cfg.target, "start_average": space.average(start), "average": space.average(state),
-         "start_fitness_pool": start_fit, "final_fitness_pool": final_fit, "generations": trace.to_json(), **extra},
-        indent=1))
+    if dist.world().main:
+        (trace_dir / f"trace-{database_key(inp.spec.to_yaml_dict())}.json").write_text(json.dumps(
+            {"space": cfg.space, "target": cfg.target, "start_average": space.average(start),
+             "average": space.average(state), "start_fitness_pool": start_fit, "final_fitness_pool": final_fit,
+             "generations": trace.to_json(), **extra}, indent=1))
     ctx.log(f"evopress: {space.average(state):.4f} {unit} on average over {len(space.layers)} "
             f"{'sub-blocks' if cfg.space == 'depth' else 'layers'}")
     return state
@@ -298,7 +314,7 @@ def plan(inp: PlanInput) -> dict[str, dict[str, Any]]:
         materialize(model, "", inp.ckpt, ctx.device)
         try:
             blocks_prefix, blocks = find_blocks(model)
-            infl = measure.subblock_influence(model, blocks, inp.windows[: cfg.fitness_samples, : cfg.fitness_seq_len],
+            infl = measure.subblock_influence(model, blocks, dist.head(inp.windows, cfg.fitness_samples)[:, : cfg.fitness_seq_len],
                                         tuple(c for c, _ in SUBBLOCKS), ctx.device)
             variants = {out_proj[u]: [model.get_submodule(out_proj[u]).weight.data.clone().cpu(),
                                       torch.zeros_like(model.get_submodule(out_proj[u]).weight.data).cpu()] for u in units}
@@ -328,13 +344,16 @@ def plan(inp: PlanInput) -> dict[str, dict[str, Any]]:
                           "candidate": cfg.candidate if cfg.space == "bits" else "magnitude",
                           "options": cfg.candidate_config(int(cfg.level_values[0])).model_dump() if cfg.space == "bits" else {},
                           "levels": cfg.level_values, "layers": layers,
-                          "windows": database_key({"w": inp.windows.tolist()}) if data else None})
+                          "windows": database_key({"w": dist.unshard(inp.windows).tolist()}) if data else None})
     db = Database(_db_root(cfg, key), key, space)
-    if db.complete():
+    if dist.broadcast(dist.world().main and db.complete(), 0):  # rank 0's database decides, for every rank
         ctx.log(f"evopress: database {db.root} (reused)")
     else:
         ctx.log(f"evopress: building the database under {db.root}")
         build_database(inp, cfg, db)
+    if not db.complete():  # (only on a rank that does not see rank 0's files)
+        raise BadInput(f"evopress: rank {dist.world().rank} does not see the database rank 0 wrote under {db.root}; "
+                       "on several machines set `database:` to a directory every rank shares")
     variants = {n: db.load_layer(n) for n in layers}
     state = _search(inp, cfg, space, variants, E.initial_state(space, cfg.target), db.root,
                     {"database_bytes": db.size_bytes()}, {"model": model_digests, "variants": key})
@@ -354,7 +373,7 @@ def _mask_role(cfg: EvoPressConfig) -> str | None:
     return None if cfg.space == "bits" else "makes"
 
 
-@register_pass("evopress", EvoPressConfig, plan=plan, reads=_reads, masks=_mask_role)
+@register_pass("evopress", EvoPressConfig, plan=plan, reads=_reads, masks=_mask_role, distributed=True)
 def evopress(block: nn.Module, io: BlockIO, cfg: EvoPressConfig, ctx: Context) -> dict[str, Any]:
     """EvoPress: each layer at the level the evolutionary search chose (a bit width, a sparsity, or dropped)."""
     if cfg.space == "sparsity":
