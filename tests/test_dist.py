@@ -124,10 +124,28 @@ def test_evopress_selects_as_one_process(tiny_llama, calib, tmp_path):
     assert (tmp_path / "e1" / "model.safetensors").read_bytes() == (tmp_path / "e2" / "model.safetensors").read_bytes()
 
 
-def test_single_process_pass_refused_before_any_rank(tiny_llama, calib, tmp_path):
-    r = run_cli("model", str(tiny_llama), "--recipe", "prune50-dp", "--out", str(tmp_path / "o"), "--calib", str(calib),
-                "--samples", "8", "--seq-len", "64", "--workers", "2")
-    assert r.returncode == 2 and "does not run on more than one process" in r.stderr, r.stderr
+def test_every_shipped_recipe_runs_on_several_ranks_and_a_pass_that_cannot_is_refused(monkeypatch):
+    """check_world: every shipped recipe's passes run on several processes; a pass registered without
+    `distributed` (a third party's) is refused there, by name, before any work; one process takes anything."""
+    from compressor import recipe as R
+    from compressor import runner
+    from compressor.errors import BadInput
+    from compressor.passes import PASSES, PassConfig, PassInfo
+
+    for name in R.shipped_recipes():
+        runner.check_world(R.load_recipe(name), size=2)
+    monkeypatch.setitem(PASSES, "solo", PassInfo(PassConfig, lambda *a: {}, lambda c: "weights", lambda c: None,
+                                                 False, None, None))
+    rec = R.parse_recipe({"version": 1, "passes": [{"pass": "solo"}]}, "test")
+    runner.check_world(rec, size=1)
+    with pytest.raises(BadInput, match="pass solo does not run on more than one process"):
+        runner.check_world(rec, size=2)
+
+
+def test_too_few_windows_for_the_ranks_refused_before_any_rank(tiny_llama, calib, tmp_path):
+    r = run_cli("model", str(tiny_llama), "--recipe", "w4-gptq", "--out", str(tmp_path / "o"), "--calib", str(calib),
+                "--samples", "1", "--seq-len", "64", "--workers", "2")
+    assert r.returncode == 2 and "1 calibration windows for 2 processes" in r.stderr, r.stderr
     assert "spawning" not in r.stderr and not (tmp_path / "o").exists()
 
 
