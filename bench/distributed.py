@@ -142,8 +142,9 @@ def lpt_makespan(costs: list[float], w: int) -> float:
     return max(load)
 
 
-def profile_gptq(args, recipe: str) -> dict:
-    """One in-process run of the GPTQ recipe on one thread, timed in parts (see the module docstring)."""
+def profile_gptq(args, recipe: str, samples: int) -> dict:
+    """One in-process run of the GPTQ recipe on one thread on `samples` windows, timed in parts (see the module
+    docstring)."""
     import torch
 
     import compressor
@@ -175,7 +176,7 @@ def profile_gptq(args, recipe: str) -> dict:
     api.run_blocks = timed(api.run_blocks, "run_blocks")  # (the name api calls)
     try:
         t0 = time.perf_counter()
-        compressor.compress("demo", recipe, args.work / "profile", samples=args.samples, seq_len=args.seq_len,
+        compressor.compress("demo", recipe, args.work / "profile", samples=samples, seq_len=args.seq_len,
                             device="cpu", force=True)
         total = time.perf_counter() - t0
     finally:
@@ -187,7 +188,7 @@ def profile_gptq(args, recipe: str) -> dict:
     for w in (1, 2, 4, 8):
         t = fixed + window / w + sum(lpt_makespan(g, w) for g in groups)
         proj[w] = {"seconds": round(t, 2), "speedup": round((fixed + window + solve) / t, 3)}
-    return {"total_s": round(total, 2), "fixed_s": round(fixed, 2), "per_window_s": round(window, 2),
+    return {"samples": samples, "seq_len": args.seq_len, "total_s": round(total, 2), "fixed_s": round(fixed, 2), "per_window_s": round(window, 2),
             "hessian_s": round(spans["moments"], 2), "per_layer_solve_s": round(solve, 2),
             "groups": len(groups), "largest_group_solve_s": round(max(max(g) for g in groups), 3),
             "projection": proj}
@@ -221,8 +222,9 @@ def main() -> None:
         flat = sized_recipe(args.work, "w4-gptq", {"  - pass: gptq\n": "  - pass: gptq\n    targets: "
                                                    f"['re:model\\.layers\\.({blocks})\\..*']\n"
                                                    "    true_sequential: false\n"}, f"{args.blocks}blocks-flat")
-        profile = {"true_sequential": profile_gptq(args, recipes(args)[f"w4-gptq ({args.blocks} blocks)"][0]),
-                   "one_group_per_block": profile_gptq(args, str(flat))}
+        seq = recipes(args)[f"w4-gptq ({args.blocks} blocks)"][0]
+        profile = {f"{kind}, {n} windows": profile_gptq(args, rec, n) for n in (args.samples, 4 * args.samples)
+                   for kind, rec in (("true_sequential", seq), ("one group per block", str(flat)))}
         print(json.dumps(profile), flush=True)
     setup = {"model": "demo (SmolLM2-135M-Instruct)", "blocks": args.blocks, "iters": args.iters,
              "generations": args.generations, "samples": args.samples, "seq_len": args.seq_len, "seed": 0,
@@ -246,9 +248,10 @@ def main() -> None:
                      f"{mb(r['w1']['peak_rss_bytes'])} | {mb(r['w2']['peak_rss_bytes'])} |")
     for kind, p in (profile or {}).items():
         what = ("true_sequential (the default: q/k/v, o, gate/up, down solved in turn, each group's Hessians taken "
-                "after the earlier groups are quantized)" if kind == "true_sequential" else
+                "after the earlier groups are quantized)" if kind.startswith("true_sequential") else
                 "true_sequential: false (one Hessian pass per block, its 7 solves together, as llm-compressor does)")
-        lines += ["", f"## GPTQ ({args.blocks} blocks), {what}, on W devices from its parts", "",
+        lines += ["", f"## GPTQ ({args.blocks} blocks, {p['samples']} x {p['seq_len']} tokens), {what}, on W devices "
+                  "from its parts", "",
                   f"One process, one thread, in-process: {p['total_s']} s = {p['fixed_s']} s set-up, load, planning "
                   f"and writing (once) + {p['per_window_s']} s per-window work (block forwards and Hessian products, "
                   f"{p['hessian_s']} s of them; split 1/W) + {p['per_layer_solve_s']} s of per-layer solves in "

@@ -45,6 +45,7 @@ def gptq(block: nn.Module, io: BlockIO, cfg: GPTQConfig, ctx: Context,
     total = io.tokens()  # calibration tokens (over every rank)
     for names in groups:
         hessians = io.input_second_moments(block, names)  # summed over every rank's windows
+        mine: dict[str, QWeight] = {}  # the layers this rank solves
         # on several ranks each layer is solved by one of them, chosen by its cost, and broadcast from there
         owner = dist.owners([io.layers[n].in_features ** 2 * (io.layers[n].in_features + io.layers[n].out_features)
                              for n in names])
@@ -73,9 +74,9 @@ def gptq(block: nn.Module, io: BlockIO, cfg: GPTQConfig, ctx: Context,
                 qw.sparsity_structure = io.masks[name].sparsity_structure
             qw.requested_group_size = cfg.group_size
             qw.calibration = calibration
-            out[name] = qw
-        for name, rank in zip(names, owner):
+            mine[name] = qw
+        for name, rank in zip(names, owner):  # (into `out` in layer order on every rank)
             lin = io.layers[name]
-            out[name] = dist.broadcast(out.get(name), rank, lin.weight.device)
+            out[name] = dist.broadcast(mine.get(name), rank, lin.weight.device)
             lin.weight.data = out[name].dequantize(lin.weight.dtype)  # later groups see this layer quantized
     return out
