@@ -14,7 +14,11 @@ The math they feed is in compressor/algorithms/ (curves and additivity: prune; P
 - `subblock_influence`: ShortGPT's block influence of every residual sub-block (EvoPress's depth space).
 - `loss`, `gradient`, `pqi`, `taylor`: the calibration loss F (mean next-token NLL), its gradient with respect to
   the target weights (`params`: name -> the Linear weight Parameter, set in place; the caller keeps the original
-  values `w0`), the empirical Fisher diagonal, and algorithms.pqi's estimates bound to them.
+  values `w0`), the empirical Fisher diagonal, and algorithms.pqi's estimates bound to them. On several ranks
+  (dist.py) each rank passes its part of the windows (dist.head) and gets the value over all of them: F is the
+  summed NLL over the ranks divided by the prediction count over the ranks, the gradient the sum of each rank's
+  gradient of its NLL sum over that count (one all-reduce), the Fisher the sum with the window count over the
+  ranks. A rank with no window joins the reductions with zeros, so every rank sees the same numbers.
 """
 from __future__ import annotations
 
@@ -306,36 +310,58 @@ def set_weights(params: dict[str, nn.Parameter], w0: dict[str, Tensor], dw: dict
 
 @torch.no_grad()
 def loss(model: nn.Module, windows: Tensor, batch: int = 1) -> float:
-    """F: the mean next-token NLL over the windows (n, T)."""
+    """F: the mean next-token NLL over the windows (n, T) (of every rank's windows: see the module docstring)."""
     dev = next(model.parameters()).device
     total = sum(float(_nll_sum(model, windows[i : i + batch].to(dev))) for i in range(0, len(windows), batch))
-    return total / (windows.shape[0] * (windows.shape[1] - 1))
+    total, count = dist.sum_floats([total, windows.shape[0] * (windows.shape[1] - 1)])
+    return total / count
 
 
 def gradient(model: nn.Module, params: dict[str, nn.Parameter], windows: Tensor, batch: int = 1,
              per_window_sq: bool = False) -> dict[str, Tensor]:
     """dF/dw of every target weight at its current value (float32). With per_window_sq, instead the mean over
-    windows of the squared per-window gradient of that window's mean NLL (the empirical Fisher diagonal)."""
+    windows of the squared per-window gradient of that window's mean NLL (the empirical Fisher diagonal). Both over
+    every rank's windows: each rank's part is scaled by the counts over the ranks and the parts are summed in one
+    all-reduce of a flat buffer, which the returned tensors are views of."""
     dev = next(model.parameters()).device
-    n_pred = windows.shape[0] * (windows.shape[1] - 1)
-    acc = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()} if per_window_sq else {}
+    n_windows = dist.sum_ints([windows.shape[0]])[0]
+    n_pred = n_windows * (windows.shape[1] - 1)
     for p in params.values():
         p.grad = None
-    step = 1 if per_window_sq else batch
-    for i in range(0, len(windows), step):
-        ids = windows[i : i + step].to(dev)
-        if per_window_sq:
-            (_nll_sum(model, ids) / (ids.shape[1] - 1)).backward()
+    if per_window_sq:
+        flat, acc = _flat(params)
+        flat.zero_()
+        for i in range(len(windows)):
+            (_nll_sum(model, windows[i : i + 1].to(dev)) / (windows.shape[1] - 1)).backward()
             for name, p in params.items():
-                acc[name] += p.grad.float().pow(2) / len(windows)
+                acc[name] += p.grad.float().pow(2) / n_windows
                 p.grad = None
-        else:
-            (_nll_sum(model, ids) / n_pred).backward()
-    if not per_window_sq:
+    else:
+        for i in range(0, len(windows), batch):
+            (_nll_sum(model, windows[i : i + batch].to(dev)) / n_pred).backward()
+        flat, acc = _flat(params)  # after the backward: the gradients move into it one by one, not held twice
         for name, p in params.items():
-            acc[name] = p.grad.float()
+            if p.grad is None:  # this rank has no window: its part is zero
+                acc[name].zero_()
+            else:
+                acc[name].copy_(p.grad)
             p.grad = None
+    dist.all_reduce_sum(flat)
     return acc
+
+
+def _flat(params: dict[str, nn.Parameter]) -> tuple[Tensor, dict[str, Tensor]]:
+    """An uninitialised float32 buffer as long as all the target weights together, and its view per weight (in
+    `params`' order). The views lie in the buffer in the order of the names, not of `params`: the all-reduce adds
+    the ranks' buffers element by element, so each weight must sit at the same place on every rank, and a caller's
+    dict need not list them alike there (GPTQ's results list a rank's own solves first)."""
+    flat = torch.empty(sum(p.numel() for p in params.values()), dtype=torch.float32,
+                       device=next(iter(params.values())).device)
+    views, at = {}, 0
+    for name in sorted(params):
+        views[name] = flat[at : at + params[name].numel()].view(params[name].shape)
+        at += params[name].numel()
+    return flat, {name: views[name] for name in params}
 
 
 def grad_at(model: nn.Module, params: dict[str, nn.Parameter], w0: dict[str, Tensor], dw: dict[str, Tensor],

@@ -19,6 +19,12 @@ a sparse float16 residual (stored as CSR beside the compressed-tensors tensors, 
    weights are large with both signs and cancel, so restoring only the largest positive ones leaves their
    negative partners unbalanced (on the demo, RTN W3, 26000 restores by signed c raised F by 4.28, by |c|
    lowered it by 0.28).
+
+On several ranks (dist.py) the result is one process's, up to the order of float sums: the plan splits the layers'
+objectives between the ranks and broadcasts them, so every rank allocates the same outliers; the block stage is the
+base pass's, which runs there; the detach takes the first `pqi_samples` windows of the whole calibration set, each
+rank its part of them (dist.head), and its loss and gradients are reduced over the ranks (compressor/measure.py),
+so every rank scores alike, restores the same weights and keeps or undoes the same steps.
 """
 from __future__ import annotations
 
@@ -28,12 +34,13 @@ import torch
 from pydantic import Field, ValidationError
 from torch import Tensor, nn
 
-from .. import measure
+from .. import dist, measure
 from ..algorithms import requant as R
 from ..algorithms.allocate import allocate
 from ..algorithms.pqi import top_global
 from ..blocks import BlockIO, Context
 from ..errors import BadInput
+from ..models import find_blocks
 from ..quant import QWeight, resolve_group_size
 from . import PASSES, FinishInput, PlanInput, QuantConfig, register_pass
 
@@ -74,19 +81,13 @@ class RequantConfig(QuantConfig):
 def plan(inp: PlanInput) -> dict[str, dict[str, Any]]:
     """Outlier counts per layer: the least summed objective with at most outlier_fraction of all weights."""
     cfg: RequantConfig = inp.spec.config  # type: ignore[assignment]
-    names, costs, errors = [], [], []
-    total = 0
-    for name, lin, hdiag in inp.stream_fp_layers():
-        w = lin.weight.data.float()
-        g = resolve_group_size(lin.in_features, cfg.group_size, name)
-        counts, errs = R.outlier_options(w, hdiag, cfg.outlier_levels, cfg.bits, g, cfg.symmetric,
-                                         cfg.torch_scale_dtype, cfg.mse)
-        names.append(name)
-        costs.append([float(c) for c in counts])
-        errors.append(errs)
-        total += w.numel()
+    options = _outlier_options(inp, cfg)
+    names = list(options)
     if not names:
         raise BadInput("requant: the recipe's targets select no Linear layer")
+    costs = [[float(c) for c in options[n][0]] for n in names]
+    errors = [options[n][1] for n in names]
+    total = sum(options[n][2] for n in names)
     budget = cfg.outlier_fraction * total
     picks = allocate(costs, errors, budget)
     chosen = {n: int(costs[i][j]) for i, (n, j) in enumerate(zip(names, picks))}
@@ -95,6 +96,41 @@ def plan(inp: PlanInput) -> dict[str, dict[str, Any]]:
     inp.ctx.log(f"requant: {got} outliers ({got / total:.3%} of {total} weights) over {sum(1 for c in chosen.values() if c)} "
                 f"of {len(names)} layers; estimated objective x{1 / gain:.3f} of no outliers")
     return {n: {"outliers": c} for n, c in chosen.items()}
+
+
+def _outlier_options(inp: PlanInput, cfg: RequantConfig) -> dict[str, tuple[list[int], list[float], int]]:
+    """Per target layer, in the model's order: its outlier counts, the objective at each (R.outlier_options) and
+    its weight count. On several ranks the layers of each block are split between them by weight size
+    (dist.owners); each rank computes its own once the block's last layer is streamed (so the ranks compute at the
+    same time: the stream's per-layer all-reduce would otherwise wait for each layer's owner in turn) and, after
+    the last block, every rank's results are broadcast to all, so each runs the same allocation."""
+    world = dist.world()
+    prefix, _ = find_blocks(inp.model)
+    names: list[str] = []
+    owner: dict[str, int] = {}
+    mine: list[tuple[str, Tensor, Tensor]] = []  # this rank's layers of the block in memory, with their sum x^2
+    out: dict[str, tuple[list[int], list[float], int]] = {}
+    for name, lin, hdiag in inp.stream_fp_layers():
+        if name not in owner:  # the block's first target layer: split all of them
+            block = f"{prefix}.{measure.block_index(prefix, name)}"
+            layers = [f"{block}.{n}" for n, m in inp.model.get_submodule(block).named_modules()
+                      if isinstance(m, nn.Linear) and inp.spec.selects(f"{block}.{n}")]
+            owner.update(zip(layers, dist.owners([inp.model.get_submodule(n).weight.numel() for n in layers])))
+            last = layers[-1]
+        names.append(name)
+        if owner[name] == world.rank:
+            mine.append((name, lin.weight.data, hdiag))
+        if name == last:
+            for n, w, h in mine:
+                g = resolve_group_size(w.shape[1], cfg.group_size, n)
+                counts, errs = R.outlier_options(w.float(), h, cfg.outlier_levels, cfg.bits, g, cfg.symmetric,
+                                                 cfg.torch_scale_dtype, cfg.mse)
+                out[n] = (counts, errs, w.numel())
+            mine = []
+    everyone: dict[str, tuple[list[int], list[float], int]] = {}
+    for r in range(world.size):
+        everyone.update(dist.broadcast(out if r == world.rank else None, r))
+    return {n: everyone[n] for n in names}
 
 
 def _reads(cfg: RequantConfig) -> str:
@@ -113,17 +149,19 @@ def finish(inp: FinishInput) -> None:
     if cfg.significant_fraction == 0 or not inp.results:
         return
     model, ctx = inp.model, inp.ctx
-    params = {n: model.get_submodule(n).weight for n in inp.results}
+    # in the model's order, not the results' (a base pass may list them differently on each rank: GPTQ puts a
+    # rank's own solves first), so that every rank breaks the ranking's ties and draws the random scores alike
+    params = {n: m.weight for n, m in model.named_modules() if n in inp.results}
     w0 = {n: p.detach().clone().float() for n, p in params.items()}
     total = sum(p.numel() for p in params.values())
     per_step = int(round(cfg.significant_fraction * total / cfg.steps))
-    windows = inp.windows[: cfg.pqi_samples]
+    windows = dist.head(inp.windows, cfg.pqi_samples)  # this rank's part of the first pqi_samples
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
     for p in params.values():
         p.requires_grad_(True)
-    gen = torch.Generator().manual_seed(ctx.seed)
+    gen = torch.Generator().manual_seed(ctx.seed)  # the calibration seed: every rank draws the same "random" scores
     fisher = None
 
     def delta() -> dict[str, Tensor]:
@@ -175,7 +213,7 @@ def finish(inp: FinishInput) -> None:
             p.requires_grad_(flag)
 
 
-@register_pass("requant", RequantConfig, plan=plan, finish=finish, reads=_reads)
+@register_pass("requant", RequantConfig, plan=plan, finish=finish, reads=_reads, distributed=True)
 def requant(block: nn.Module, io: BlockIO, cfg: RequantConfig, ctx: Context) -> dict[str, QWeight]:
     """ReQuant: dense-and-sparse on a base quantizer (outliers planned per layer, significant weights by PQI)."""
     out = PASSES[cfg.base].fn(block, io, cfg.base_config(), ctx, exact=_masks(io))
