@@ -103,7 +103,7 @@ def head(windows: Tensor, n: int, w: World | None = None) -> Tensor:
     windows r, r + W, ... below n. Over the ranks together they are the first n windows, as one process takes them
     (a plan's curve or fitness windows); a rank may get none when n < W."""
     w = w or world()
-    return windows if w.size == 1 else windows[: len(range(w.rank, n, w.size))]
+    return windows[: len(range(w.rank, n, w.size))]
 
 
 def unshard(windows: Tensor) -> Tensor:
