@@ -5,6 +5,8 @@ The math they feed is in compressor/algorithms/ (curves and additivity: prune; P
   blocks from its own on; the distortion of the model's output (mean squared logit error, computed without the
   vocabulary projection as dz^T (W^T W) dz / V on the final hidden state, exact for a linear head; or KL), or of
   one block's output. `distortion_curves`, `joint_distortion`, `additivity` bind algorithms.prune's loops to them.
+  On several ranks (compressor/dist.py) each rank caches only its own windows and every distortion is the sum over
+  all ranks' windows divided by their tokens, so each rank gets one process's number (up to float order).
 - `KLFitness`: EvoPress's fitness, KL(dense || compressed) of the next-token distributions on calibration windows,
   the dense side's top-k probabilities computed once (the rest of the vocabulary lumped into one bucket, so the
   value is the KL of the coarsened distributions, a lower bound of the full one). Its forwards may run in
@@ -66,40 +68,47 @@ class OutputHead:
         return self.norm(h.to(next(self.norm.parameters(), h).device)).float()
 
     def distortion(self, z: Tensor, z_fp: Tensor) -> float:
-        """Summed over the tokens of this batch (divide by the token count)."""
+        """Summed over the tokens of this batch (divide by the token count). The per-token terms are added in
+        float64: the sum then hardly depends on how the windows are batched or split between ranks (a plan's
+        curves on 1 and 2 ranks: 3e-8 apart, relative, against 3e-7 added in float32)."""
         dz = (z - z_fp).reshape(-1, z.shape[-1])
         if self.head is None:
-            return float(dz.pow(2).sum() / dz.shape[-1])
-        return float(((dz @ self.gram.to(dz.device)) * dz).sum() / self.vocab)
+            return float(dz.pow(2).sum(dtype=torch.float64) / dz.shape[-1])
+        return float(((dz @ self.gram.to(dz.device)) * dz).sum(dtype=torch.float64) / self.vocab)
 
     def kl(self, z: Tensor, z_fp: Tensor) -> float:
-        """sum over tokens of KL(softmax(head(z_fp)) || softmax(head(z)))."""
+        """sum over tokens of KL(softmax(head(z_fp)) || softmax(head(z))) (added in float64, as `distortion`)."""
         if self.head is None:
             raise BadInput("KL distortion needs a model with a language-model head; use metric: mse")
         lp = torch.log_softmax(self.head(z.to(self.head.weight.dtype)).float(), -1)
         lq = torch.log_softmax(self.head(z_fp.to(self.head.weight.dtype)).float(), -1)
-        return float((lq.exp() * (lq - lp)).sum())
+        return float((lq.exp() * (lq - lp)).sum(dtype=torch.float64))
 
 
 class BlockStreams:
     """The FP model's input of every block on the calibration windows (and the final hidden state), cached
-    once: a layer's variant then runs only from its own block on."""
+    once: a layer's variant then runs only from its own block on. On several ranks `windows` is this rank's part
+    of the windows measured (dist.head); a rank may hold none and still takes part in every distortion's sum."""
 
     def __init__(self, model: nn.Module, windows: Tensor, batch_size: int, device: torch.device):
         """`model`: in memory on `device`; the cached inputs live there too unless they would not fit
         (blocks.cache_device: then on the CPU)."""
         self.prefix, self.blocks = find_blocks(model)
-        self.inputs: list[list[Tensor]] = []  # per block, then the final hidden state: per batch (B, T, D)
-        ctx = Context(device=device, batch_size=batch_size)
-        for i, block, io in stream_blocks(model, None, windows, ctx, streams=len(self.blocks) + 1):
-            if i == 0:
-                self.inputs.append(io.inputs)
-                self.kwargs = io.kwargs
-            io.outputs = io.forward(block)
-            self.inputs.append(io.outputs)
+        # per block, then the final hidden state: per batch (B, T, D); no batch at all on a rank without windows
+        self.inputs: list[list[Tensor]] = [[] for _ in range(len(self.blocks) + 1)]
+        self.kwargs: list[dict] = []
+        if len(windows):  # stream_blocks cannot capture inputs from no window
+            self.inputs = []
+            ctx = Context(device=device, batch_size=batch_size)
+            for i, block, io in stream_blocks(model, None, windows, ctx, streams=len(self.blocks) + 1):
+                if i == 0:
+                    self.inputs.append(io.inputs)
+                    self.kwargs = io.kwargs
+                io.outputs = io.forward(block)
+                self.inputs.append(io.outputs)
         self.head = OutputHead(model)
         self.z_fp = [self.head.final(h) for h in self.inputs[-1]]
-        self.tokens = sum(h.shape[0] * h.shape[1] for h in self.inputs[-1])
+        self.tokens = dist.sum_ints([sum(h.shape[0] * h.shape[1] for h in self.inputs[-1])])[0]  # over every rank
 
     @torch.no_grad()
     def run_from(self, start: int, stop: int | None = None) -> list[Tensor]:
@@ -110,15 +119,18 @@ class BlockStreams:
         return h
 
     def output_distortion(self, start: int, metric: str = "mse") -> float:
-        """Mean per token of the output distortion with the blocks from `start` on as they are now."""
+        """Mean per token of the output distortion with the blocks from `start` on as they are now (over every
+        rank's windows: each rank calls it at the same point)."""
         h = self.run_from(start)
         f = self.head.kl if metric == "kl" else self.head.distortion
-        return sum(f(self.head.final(x), z) for x, z in zip(h, self.z_fp)) / self.tokens
+        return dist.sum_floats([sum(f(self.head.final(x), z) for x, z in zip(h, self.z_fp))])[0] / self.tokens
 
     def block_distortion(self, i: int) -> float:
-        """Mean per token of the squared error of block i's output (its FP input, its weights as they are now)."""
+        """Mean per token of the squared error of block i's output (its FP input, its weights as they are now;
+        over every rank's windows, as output_distortion)."""
         out = self.run_from(i, i + 1)
-        return sum(float((o - t).pow(2).sum()) for o, t in zip(out, self.inputs[i + 1])) / self.tokens
+        local = sum(float((o - t).pow(2).sum(dtype=torch.float64)) for o, t in zip(out, self.inputs[i + 1]))
+        return dist.sum_floats([local])[0] / self.tokens
 
     @torch.no_grad()
     def distortion(self, model: nn.Module, swapped: dict[str, Tensor], metric: str = "mse", local: bool = False) -> float:

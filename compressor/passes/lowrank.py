@@ -13,6 +13,12 @@ alone, then the least summed distortion under the budget (the plan; the fraction
 kept as it is. The artifact holds `<layer>.a.weight` (r x d_in) and `<layer>.b.weight` (d_out x r) (format
 "lowrank" in compression.json, extension "lowrank"): compressor.load builds the two-Linear module; transformers
 does not know the layout.
+
+On several ranks (compressor/dist.py) the input moments are summed over every rank's windows, the dp curves are
+measured on the windows one process takes, split between the ranks (measure.BlockStreams), and each block's
+factorisations are split between the ranks by cost (the layers sharing one input moment, and so one
+eigendecomposition, together), each broadcast from the rank that solved it: every rank ends with one process's
+factors (up to float order).
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from .. import measure
+from .. import dist, measure
 from ..algorithms import lowrank as L
 from ..algorithms.allocate import allocate
 from ..blocks import BlockIO, Context, stream_fp_layers
@@ -72,7 +78,7 @@ def plan(inp: PlanInput) -> dict[str, dict[str, Any]]:
         return {}
     ctx = inp.ctx
     t0 = time.perf_counter()
-    tokens = inp.windows.numel()
+    tokens = dist.sum_ints([inp.windows.numel()])[0]  # over every rank, as the moments are summed
     moments, shapes = {}, {}
     for name, lin, xtx in stream_fp_layers(inp.model, inp.ckpt, inp.windows, ctx, inp.spec.selects,
                                            full=cfg.method != "svd"):
@@ -83,7 +89,9 @@ def plan(inp: PlanInput) -> dict[str, dict[str, Any]]:
     layers = list(shapes)
     materialize(inp.model, "", inp.ckpt, ctx.device)
     try:
-        streams = measure.BlockStreams(inp.model, inp.windows[: cfg.curve_samples, : cfg.curve_seq_len], ctx.batch_size, ctx.device)
+        # the whole set's first curve_samples windows (on several ranks: this rank's part of them)
+        streams = measure.BlockStreams(inp.model, dist.head(inp.windows, cfg.curve_samples)[:, : cfg.curve_seq_len],
+                                       ctx.batch_size, ctx.device)
         cache: dict[str, Any] = {}
 
         def variant(name: str, k: int):
@@ -115,34 +123,58 @@ def _reads(cfg: LowRankConfig) -> str:
     return "weights" if cfg.method == "svd" else "inputs"
 
 
-@register_pass("lowrank", LowRankConfig, reads=_reads, plan=plan, factors=True)
+@register_pass("lowrank", LowRankConfig, reads=_reads, plan=plan, factors=True, distributed=True)
 @torch.no_grad()
 def lowrank(block: nn.Module, io: BlockIO, cfg: LowRankConfig, ctx: Context) -> dict[str, LowRankWeight]:
     """Low-rank factors of each Linear: onto its utilized subspace, or truncated / activation-aware SVD."""
     names = list(io.layers)
-    moments = {} if cfg.method == "svd" else io.input_second_moments(block, names)  # + io.tokens_seen
-    out, kept = {}, []
-    last = None  # siblings reading one input share its eigendecomposition
+    moments = {} if cfg.method == "svd" else io.input_second_moments(block, names)  # + io.tokens_seen, all ranks'
+    groups: list[list[tuple[str, torch.Tensor | None, LowRankConfig]]] = []  # (layer, its C, its config)
+    no_data: set[str] = set()
     for name in names:
-        w = io.layers[name].weight.data
         f = io.assignment.get(name, {}).get("params", cfg.params)
         if f is not None and f >= 1:
             continue  # the allocation keeps it dense
         if moments and io.tokens_seen[name] == 0:  # an MoE expert no calibration token reached:
-            kept.append(f"{name.rsplit('.', 1)[-1]} (no calibration tokens)")  # nothing measures its subspace
+            no_data.add(name)  # nothing measures its subspace
             continue
-        layer_cfg = cfg if f == cfg.params else cfg.model_copy(update={"params": f})
         c = moments[name] / io.tokens_seen[name] if moments else None  # per token it saw
-        eig = None
-        if cfg.method == "utilized":
-            if last is None or last[0].shape != c.shape or not torch.equal(last[0], c):
-                last = (c, L.top_eig(c))
-            eig = last[1]
-        lw, r = factorise(w, c, layer_cfg, eig)
-        if lw is None:
-            kept.append(f"{name.rsplit('.', 1)[-1]} (rank {r})")
+        job = (name, c, cfg if f == cfg.params else cfg.model_copy(update={"params": f}))
+        prev = groups[-1][-1][1] if groups else None
+        # siblings reading one input (the same C, in a row) share its eigendecomposition, so they go to one rank
+        if cfg.method == "utilized" and prev is not None and prev.shape == c.shape and torch.equal(prev, c):
+            groups[-1].append(job)
         else:
-            out[name] = lw
+            groups.append([job])
+
+    def cost(group: list[tuple[str, torch.Tensor | None, LowRankConfig]]) -> float:
+        """A group's work: the eigendecomposition of its C (utilized: once; asvd: once per layer) and each SVD."""
+        d_in = io.layers[group[0][0]].in_features
+        eig = 0 if cfg.method == "svd" else d_in ** 3 * (1 if cfg.method == "utilized" else len(group))
+        return eig + sum(io.layers[n].out_features * d_in * min(d_in, io.layers[n].out_features) for n, _, _ in group)
+
+    solved: dict[str, tuple[LowRankWeight | None, int]] = {}
+    owner = dist.owners([cost(g) for g in groups])  # on several ranks each group is solved by one of them
+    for group, rank in zip(groups, owner):
+        if rank != dist.world().rank:
+            continue
+        eig = L.top_eig(group[0][1]) if cfg.method == "utilized" else None
+        for name, c, layer_cfg in group:
+            solved[name] = factorise(io.layers[name].weight.data, c, layer_cfg, eig)
+    device = next(iter(io.layers.values())).weight.device
+    for rank in sorted(set(owner)):  # each rank's factors (and the ranks that saved nothing) to every rank
+        theirs = [n for g, r in zip(groups, owner) if r == rank for n, _, _ in g]
+        solved.update(dist.broadcast({n: solved.get(n) for n in theirs}, rank, device))
+    out, kept = {}, []
+    for name in names:
+        if name in no_data:
+            kept.append(f"{name.rsplit('.', 1)[-1]} (no calibration tokens)")
+        elif name in solved:
+            lw, r = solved[name]
+            if lw is None:
+                kept.append(f"{name.rsplit('.', 1)[-1]} (rank {r})")
+            else:
+                out[name] = lw
     if kept:
         ctx.log(f"lowrank {io.prefix}: kept dense (the rank saves nothing, or no data): {', '.join(kept)}")
     return out

@@ -9,6 +9,11 @@ Plan (before any block, on the FP model): the per-layer sparsity for the overall
 The assignment ({layer: {sparsity}}) goes into the artifact's recipe.yaml. Block stage: each layer pruned by
 magnitude to its sparsity (unstructured or N:M). A quantizing pass after it in the same recipe (rtn, gptq)
 takes the pruned layers with their masks and keeps the pruned weights at exactly zero.
+
+On several ranks (compressor/dist.py) the dp curves are measured on the same `curve_samples` windows one process
+takes, split between the ranks, each distortion summed over them (measure.BlockStreams), and OWL's outlier scores
+on the reduced input moments: every rank computes one process's allocation (up to float order). The block stage
+reads only the weights, so each rank prunes every layer itself, to the same masks.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from .. import measure
+from .. import dist, measure
 from ..algorithms import prune as P
 from ..blocks import BlockIO, Context
 from ..errors import BadInput
@@ -86,8 +91,9 @@ def plan(inp: PlanInput) -> dict[str, dict[str, Any]]:
             sizes = {n: m.weight.numel() for n, m in layers.items()}
             curves = None
             if cfg.allocation == "dp":
-                streams = measure.BlockStreams(inp.model, inp.windows[: cfg.curve_samples, : cfg.curve_seq_len],
-                                         ctx.batch_size, ctx.device)
+                # the whole set's first curve_samples windows (on several ranks: this rank's part of them)
+                curve_windows = dist.head(inp.windows, cfg.curve_samples)[:, : cfg.curve_seq_len]
+                streams = measure.BlockStreams(inp.model, curve_windows, ctx.batch_size, ctx.device)
                 curves = measure.distortion_curves(
                     streams, inp.model, layers, levels, cfg.structure, cfg.metric, local=cfg.distortion == "block",
                     on_layer=lambda i, n, name: ctx.log(f"prune curves {i + 1}/{n} {name}"))
@@ -109,7 +115,7 @@ def _block_of(model: nn.Module):
     return lambda name: f"{prefix}.{measure.block_index(prefix, name)}"
 
 
-@register_pass("prune", PruneConfig, reads="weights", plan=plan, masks="makes")
+@register_pass("prune", PruneConfig, reads="weights", plan=plan, masks="makes", distributed=True)
 @torch.no_grad()
 def prune(block: nn.Module, io: BlockIO, cfg: PruneConfig, ctx: Context) -> dict[str, SparseWeight]:
     """Magnitude pruning to each layer's planned sparsity (dp, uniform, global or OWL allocation)."""
