@@ -5,7 +5,8 @@ or by `compress model --workers N`, which spawns N local ranks itself (`spawn`).
 its own shard of the calibration windows (`shard`: rank r takes windows r, r + W, ...); what a pass sums over windows
 is all-reduced before it is used (`all_reduce_sum`), per-layer solves are split between ranks by cost (`owners`) and
 their results broadcast from the rank that solved them (`broadcast`). Rank 0 alone writes the artifact. With one
-process every function here is a no-op, so the single-process path is the code that always ran.
+process every function here is a no-op (`head` takes the first n windows), so the single-process path is the
+code that always ran.
 """
 from __future__ import annotations
 
